@@ -1,0 +1,46 @@
+# Two commands on a fresh machine:
+#   make demo   set up, build, fine-tune the tiny example on 2 local CPU workers
+#   make test   set up, build, lint, run the whole test suite
+# Every install step lives here or in scripts/; nothing is expected to be installed by hand.
+
+CARGO   ?= cargo
+PYTHON  ?= python3
+VENV    := .venv
+LIBTORCH_STAMP := third_party/libtorch/.ferrotune-cpu-2.11.0
+
+.PHONY: all setup libtorch venv build demo test lint fmt clean
+
+all: build
+
+setup: libtorch venv
+
+libtorch: $(LIBTORCH_STAMP)
+$(LIBTORCH_STAMP):
+	bash scripts/setup-libtorch.sh
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: scripts/requirements-test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
+	touch $@
+
+# One profile (release) for the demo, the tests and clippy, so libtorch crates build once.
+build: libtorch
+	$(CARGO) build --release --workspace
+
+demo: build
+	./target/release/coordinator launch examples/tiny/cluster.yaml
+
+lint: libtorch
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+test: setup build lint
+	FERROTUNE_PYTHON=$(CURDIR)/$(VENV)/bin/python $(CARGO) test --release --workspace
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV) examples/*/runs

@@ -1,0 +1,659 @@
+//! cluster.yaml: the schema, and `load()` that turns a file into a validated [`JobConfig`].
+//!
+//! Every problem is reported as `file:line:column: field: what is wrong`, with a hint saying what
+//! to do. Semantic checks (world_size 0, a path that does not exist) keep the location of the value
+//! through `Spanned`, so they point at the same place a YAML error would.
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    job: JobSection,
+    cluster: ClusterSection,
+    model: ModelSection,
+    data: DataSection,
+    training: TrainingSection,
+    checkpoint: CheckpointSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobSection {
+    name: String,
+    #[serde(default)]
+    seed: u64,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LauncherKind {
+    Local,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterSection {
+    launcher: LauncherKind,
+    world_size: Spanned<u32>,
+    #[serde(default)]
+    threads_per_worker: Option<Spanned<u32>>,
+    #[serde(default = "defaults::heartbeat_interval_s")]
+    heartbeat_interval_s: Spanned<f64>,
+    #[serde(default = "defaults::heartbeat_timeout_s")]
+    heartbeat_timeout_s: Spanned<f64>,
+    #[serde(default = "defaults::rendezvous_timeout_s")]
+    rendezvous_timeout_s: Spanned<f64>,
+    #[serde(default = "defaults::collective_timeout_s")]
+    collective_timeout_s: Spanned<f64>,
+    #[serde(default = "defaults::bucket_mb")]
+    bucket_mb: Spanned<f64>,
+    #[serde(default)]
+    worker_binary: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelInit {
+    /// Load model.safetensors from the model directory.
+    Pretrained,
+    /// Seeded random initialisation (config.json only); for smoke tests and from-scratch runs.
+    Random,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelSection {
+    path: Spanned<String>,
+    #[serde(default = "defaults::init")]
+    init: ModelInit,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataSection {
+    train: Spanned<String>,
+    #[serde(default)]
+    eval: Option<Spanned<String>>,
+    seq_len: Spanned<u32>,
+    #[serde(default = "defaults::eval_max_sequences")]
+    eval_max_sequences: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainingSection {
+    steps: Spanned<u64>,
+    micro_batch_size: Spanned<u32>,
+    #[serde(default = "defaults::one")]
+    grad_accum_steps: Spanned<u32>,
+    lr: Spanned<f64>,
+    #[serde(default)]
+    min_lr: Option<Spanned<f64>>,
+    #[serde(default)]
+    warmup_steps: u64,
+    #[serde(default = "defaults::weight_decay")]
+    weight_decay: Spanned<f64>,
+    #[serde(default = "defaults::betas")]
+    betas: Spanned<(f64, f64)>,
+    #[serde(default = "defaults::eps")]
+    eps: Spanned<f64>,
+    #[serde(default = "defaults::grad_clip")]
+    grad_clip: Spanned<f64>,
+    #[serde(default = "defaults::one")]
+    log_every_steps: Spanned<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointSection {
+    dir: Spanned<String>,
+    #[serde(default)]
+    every_steps: u64,
+    #[serde(default = "defaults::keep")]
+    keep: Spanned<u32>,
+}
+
+mod defaults {
+    use super::{ModelInit, Spanned};
+    use serde_saphyr::Location;
+
+    fn unspanned<T>(value: T) -> Spanned<T> {
+        Spanned::new(value, Location::UNKNOWN, Location::UNKNOWN)
+    }
+    pub fn heartbeat_interval_s() -> Spanned<f64> {
+        unspanned(1.0)
+    }
+    pub fn heartbeat_timeout_s() -> Spanned<f64> {
+        unspanned(10.0)
+    }
+    pub fn rendezvous_timeout_s() -> Spanned<f64> {
+        unspanned(120.0)
+    }
+    pub fn collective_timeout_s() -> Spanned<f64> {
+        unspanned(60.0)
+    }
+    pub fn bucket_mb() -> Spanned<f64> {
+        unspanned(25.0)
+    }
+    pub fn init() -> ModelInit {
+        ModelInit::Pretrained
+    }
+    pub fn eval_max_sequences() -> u32 {
+        512
+    }
+    pub fn one() -> Spanned<u32> {
+        unspanned(1)
+    }
+    pub fn weight_decay() -> Spanned<f64> {
+        unspanned(0.0)
+    }
+    pub fn betas() -> Spanned<(f64, f64)> {
+        unspanned((0.9, 0.999))
+    }
+    pub fn eps() -> Spanned<f64> {
+        unspanned(1e-8)
+    }
+    pub fn grad_clip() -> Spanned<f64> {
+        unspanned(1.0)
+    }
+    pub fn keep() -> Spanned<u32> {
+        unspanned(2)
+    }
+}
+
+/// A validated job: every path absolute and checked, every number in range.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    pub source: PathBuf,
+    pub name: String,
+    pub seed: u64,
+    pub launcher: LauncherKind,
+    pub world_size: u32,
+    pub threads_per_worker: Option<u32>,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub rendezvous_timeout: Duration,
+    pub collective_timeout: Duration,
+    pub bucket_bytes: u64,
+    pub worker_binary: Option<PathBuf>,
+    pub model_path: PathBuf,
+    pub model_init: ModelInit,
+    pub train_path: PathBuf,
+    pub eval_path: Option<PathBuf>,
+    pub seq_len: u32,
+    pub eval_max_sequences: u32,
+    pub steps: u64,
+    pub micro_batch_size: u32,
+    pub grad_accum_steps: u32,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub grad_clip: f64,
+    pub log_every_steps: u32,
+    pub checkpoint_dir: PathBuf,
+    pub checkpoint_every_steps: u64,
+    pub checkpoint_keep: u32,
+}
+
+/// One problem in a config file, with where it is and what to do about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Issue {
+    pub line: u32,
+    pub column: u32,
+    pub field: String,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", render_issues(file, issues))]
+    Invalid { file: PathBuf, issues: Vec<Issue> },
+}
+
+impl ConfigError {
+    pub fn issues(&self) -> &[Issue] {
+        match self {
+            ConfigError::Read { .. } => &[],
+            ConfigError::Invalid { issues, .. } => issues,
+        }
+    }
+}
+
+fn render_issues(file: &Path, issues: &[Issue]) -> String {
+    let mut out = String::new();
+    for (i, issue) in issues.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "{}:{}:{}: `{}`: {}",
+            file.display(),
+            issue.line,
+            issue.column,
+            issue.field,
+            issue.message
+        ));
+        if let Some(hint) = &issue.hint {
+            out.push_str(&format!("\n    help: {hint}"));
+        }
+    }
+    out
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}: `{}`: {}",
+            self.line, self.column, self.field, self.message
+        )
+    }
+}
+
+/// Reads and validates a cluster.yaml. Relative paths in it are relative to the file's directory.
+pub fn load(path: &Path) -> Result<JobConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let base = std::fs::canonicalize(&base).unwrap_or(base);
+    let mut config = parse(&text, &base).map_err(|issues| ConfigError::Invalid {
+        file: path.to_path_buf(),
+        issues,
+    })?;
+    config.source = path.to_path_buf();
+    Ok(config)
+}
+
+/// Parses and validates config text; `base` resolves relative paths.
+pub fn parse(text: &str, base: &Path) -> Result<JobConfig, Vec<Issue>> {
+    let file: ClusterFile = serde_saphyr::from_str(text).map_err(|e| vec![yaml_issue(&e, text)])?;
+    let mut checks = Checks {
+        issues: Vec::new(),
+        base,
+    };
+    let config = checks.validate(file);
+    if checks.issues.is_empty() {
+        Ok(config)
+    } else {
+        Err(checks.issues)
+    }
+}
+
+struct Checks<'a> {
+    issues: Vec<Issue>,
+    base: &'a Path,
+}
+
+impl Checks<'_> {
+    fn push<T>(&mut self, at: &Spanned<T>, field: &str, message: String, hint: &str) {
+        self.issues.push(Issue {
+            line: at.referenced.line() as u32,
+            column: at.referenced.column() as u32,
+            field: field.to_string(),
+            message,
+            hint: Some(hint.to_string()),
+        });
+    }
+
+    fn positive_u32(&mut self, v: &Spanned<u32>, field: &str) -> u32 {
+        if v.value == 0 {
+            self.push(
+                v,
+                field,
+                "must be at least 1, got 0".into(),
+                "set a positive whole number",
+            );
+        }
+        v.value
+    }
+
+    fn finite_at_least(&mut self, v: &Spanned<f64>, field: &str, min: f64, strict: bool) -> f64 {
+        let ok = v.value.is_finite()
+            && if strict {
+                v.value > min
+            } else {
+                v.value >= min
+            };
+        if !ok {
+            let relation = if strict { "greater than" } else { "at least" };
+            self.push(
+                v,
+                field,
+                format!("must be a number {relation} {min}, got {}", v.value),
+                "fix the value",
+            );
+        }
+        v.value
+    }
+
+    fn seconds(&mut self, v: &Spanned<f64>, field: &str) -> Duration {
+        let s = self.finite_at_least(v, field, 0.0, true);
+        Duration::from_secs_f64(if s.is_finite() && s > 0.0 { s } else { 1.0 })
+    }
+
+    fn resolve(&self, raw: &str) -> PathBuf {
+        let p = Path::new(raw);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn existing(&mut self, v: &Spanned<String>, field: &str, want_dir: bool) -> PathBuf {
+        let path = self.resolve(&v.value);
+        let kind = if want_dir { "directory" } else { "file" };
+        let ok = if want_dir {
+            path.is_dir()
+        } else {
+            path.is_file()
+        };
+        if !ok {
+            let message = if path.exists() {
+                format!("{} is not a {kind}", path.display())
+            } else {
+                format!("{} does not exist", path.display())
+            };
+            self.push(
+                v,
+                field,
+                message,
+                &format!("point it at an existing {kind}; relative paths start at the directory of the config file"),
+            );
+        }
+        path
+    }
+
+    fn validate(&mut self, f: ClusterFile) -> JobConfig {
+        let world_size = self.positive_u32(&f.cluster.world_size, "cluster.world_size");
+        let threads_per_worker = f
+            .cluster
+            .threads_per_worker
+            .as_ref()
+            .map(|t| self.positive_u32(t, "cluster.threads_per_worker"));
+        let heartbeat_interval = self.seconds(
+            &f.cluster.heartbeat_interval_s,
+            "cluster.heartbeat_interval_s",
+        );
+        let heartbeat_timeout = self.seconds(
+            &f.cluster.heartbeat_timeout_s,
+            "cluster.heartbeat_timeout_s",
+        );
+        if heartbeat_timeout <= heartbeat_interval {
+            self.push(
+                &f.cluster.heartbeat_timeout_s,
+                "cluster.heartbeat_timeout_s",
+                "must be longer than cluster.heartbeat_interval_s".into(),
+                "allow several heartbeats per timeout, e.g. interval 1, timeout 10",
+            );
+        }
+        let rendezvous_timeout = self.seconds(
+            &f.cluster.rendezvous_timeout_s,
+            "cluster.rendezvous_timeout_s",
+        );
+        let collective_timeout = self.seconds(
+            &f.cluster.collective_timeout_s,
+            "cluster.collective_timeout_s",
+        );
+        let bucket_mb = self.finite_at_least(&f.cluster.bucket_mb, "cluster.bucket_mb", 0.0, true);
+        let worker_binary = f
+            .cluster
+            .worker_binary
+            .as_ref()
+            .map(|b| self.existing(b, "cluster.worker_binary", false));
+
+        let model_path = self.existing(&f.model.path, "model.path", true);
+        if model_path.is_dir() {
+            let mut required = vec!["config.json"];
+            if f.model.init == ModelInit::Pretrained {
+                required.push("model.safetensors");
+            }
+            for name in required {
+                if !model_path.join(name).is_file() {
+                    self.push(
+                        &f.model.path,
+                        "model.path",
+                        format!("{} has no {name}", model_path.display()),
+                        "point model.path at a Hugging Face model directory (config.json, model.safetensors, tokenizer.json), or set model.init: random to start from random weights",
+                    );
+                }
+            }
+            if !model_path.join("tokenizer.json").is_file() {
+                self.push(
+                    &f.model.path,
+                    "model.path",
+                    format!("{} has no tokenizer.json", model_path.display()),
+                    "copy the base model's tokenizer.json into the model directory",
+                );
+            }
+        }
+
+        let train_path = self.existing(&f.data.train, "data.train", false);
+        let eval_path = f
+            .data
+            .eval
+            .as_ref()
+            .map(|e| self.existing(e, "data.eval", false));
+        let seq_len = self.positive_u32(&f.data.seq_len, "data.seq_len");
+
+        let t = &f.training;
+        if t.steps.value == 0 {
+            self.push(
+                &t.steps,
+                "training.steps",
+                "must be at least 1, got 0".into(),
+                "set how many optimizer steps to run",
+            );
+        }
+        let micro_batch_size = self.positive_u32(&t.micro_batch_size, "training.micro_batch_size");
+        let grad_accum_steps = self.positive_u32(&t.grad_accum_steps, "training.grad_accum_steps");
+        let log_every_steps = self.positive_u32(&t.log_every_steps, "training.log_every_steps");
+        let lr = self.finite_at_least(&t.lr, "training.lr", 0.0, true);
+        let min_lr = match &t.min_lr {
+            Some(m) => {
+                let v = self.finite_at_least(m, "training.min_lr", 0.0, false);
+                if v > lr {
+                    self.push(
+                        m,
+                        "training.min_lr",
+                        format!("must not exceed training.lr ({lr})"),
+                        "the cosine schedule decays from lr down to min_lr",
+                    );
+                }
+                v
+            }
+            None => lr * 0.1,
+        };
+        let weight_decay =
+            self.finite_at_least(&t.weight_decay, "training.weight_decay", 0.0, false);
+        let (b1, b2) = t.betas.value;
+        if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
+            self.push(
+                &t.betas,
+                "training.betas",
+                format!("both betas must be in [0, 1), got [{b1}, {b2}]"),
+                "typical values are [0.9, 0.95] or [0.9, 0.999]",
+            );
+        }
+        let eps = self.finite_at_least(&t.eps, "training.eps", 0.0, true);
+        let grad_clip = self.finite_at_least(&t.grad_clip, "training.grad_clip", 0.0, false);
+
+        let checkpoint_keep = self.positive_u32(&f.checkpoint.keep, "checkpoint.keep");
+        let checkpoint_dir = self.resolve(&f.checkpoint.dir.value);
+        if checkpoint_dir.is_file() {
+            self.push(
+                &f.checkpoint.dir,
+                "checkpoint.dir",
+                format!("{} is a file", checkpoint_dir.display()),
+                "point checkpoint.dir at a directory (it is created if missing)",
+            );
+        }
+
+        JobConfig {
+            source: PathBuf::new(),
+            name: f.job.name,
+            seed: f.job.seed,
+            launcher: f.cluster.launcher,
+            world_size,
+            threads_per_worker,
+            heartbeat_interval,
+            heartbeat_timeout,
+            rendezvous_timeout,
+            collective_timeout,
+            bucket_bytes: (bucket_mb * 1024.0 * 1024.0).max(4.0) as u64,
+            worker_binary,
+            model_path,
+            model_init: f.model.init,
+            train_path,
+            eval_path,
+            seq_len,
+            eval_max_sequences: f.data.eval_max_sequences,
+            steps: t.steps.value,
+            micro_batch_size,
+            grad_accum_steps,
+            lr,
+            min_lr,
+            warmup_steps: t.warmup_steps,
+            weight_decay,
+            betas: (b1, b2),
+            eps,
+            grad_clip,
+            log_every_steps,
+            checkpoint_dir,
+            checkpoint_every_steps: f.checkpoint.every_steps,
+            checkpoint_keep,
+        }
+    }
+}
+
+/// Turns a YAML/serde error into an [`Issue`] naming the dotted field path.
+fn yaml_issue(e: &serde_saphyr::Error, text: &str) -> Issue {
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line() as u32, l.column() as u32))
+        .unwrap_or((0, 0));
+    let rendered = e.without_snippet().to_string();
+    let first = rendered.lines().next().unwrap_or_default();
+    // serde-saphyr prefixes "error: line L column C: "; the location is reported separately.
+    let message = first
+        .split_once(&format!("column {column}: "))
+        .map(|(_, m)| m)
+        .unwrap_or(first)
+        .trim_start_matches("error: ")
+        .to_string();
+    let mut path = key_path_at(text, line);
+    let mut hint = None;
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let (unknown, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        let candidates: Vec<&str> = expected
+            .trim_start_matches(", expected one of ")
+            .trim_start_matches(", expected ")
+            .split(", ")
+            .map(|s| s.trim_matches('`'))
+            .filter(|s| !s.is_empty())
+            .collect();
+        hint = Some(match closest(unknown, &candidates) {
+            Some(best) => format!(
+                "did you mean `{best}`? valid fields here: {}",
+                candidates.join(", ")
+            ),
+            None => format!("valid fields here: {}", candidates.join(", ")),
+        });
+    } else if let Some(rest) = message.strip_prefix("missing field `") {
+        let missing = rest.split('`').next().unwrap_or(rest);
+        // The location is the mapping that lacks the field; name the field itself.
+        path.pop();
+        path.push(missing.to_string());
+        hint = Some(format!(
+            "add `{missing}` to this section (see examples/tiny/cluster.yaml)"
+        ));
+    } else if message.starts_with("invalid") || message.contains("expected") {
+        hint = Some(
+            "fix the value's type (see examples/tiny/cluster.yaml for a complete file)".into(),
+        );
+    }
+    Issue {
+        line,
+        column,
+        field: if path.is_empty() {
+            "(document)".into()
+        } else {
+            path.join(".")
+        },
+        message,
+        hint,
+    }
+}
+
+/// The dotted key path of the block-style mapping entry on `line` (1-based), found by walking
+/// up to the nearest less-indented keys. Flow-style YAML yields the enclosing block key.
+fn key_path_at(text: &str, line: u32) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(idx) = (line as usize).checked_sub(1).filter(|&i| i < lines.len()) else {
+        return Vec::new();
+    };
+    fn key_of(l: &str) -> Option<(usize, String)> {
+        let trimmed = l.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            return None;
+        }
+        let indent = l.len() - trimmed.len();
+        let entry = trimmed.trim_start_matches("- ");
+        let key = entry
+            .split_once(':')
+            .map(|(k, _)| k.trim().trim_matches(['"', '\'']))?;
+        Some((indent, key.to_string()))
+    }
+    let mut path = Vec::new();
+    let mut indent = match key_of(lines[idx]) {
+        Some((i, k)) => {
+            path.push(k);
+            i
+        }
+        None => lines[idx].len() - lines[idx].trim_start().len() + 1,
+    };
+    for l in lines[..idx].iter().rev() {
+        if let Some((i, k)) = key_of(l) {
+            if i < indent {
+                path.insert(0, k);
+                indent = i;
+                if i == 0 {
+                    break;
+                }
+            }
+        }
+    }
+    path
+}
+
+fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (strsim::jaro_winkler(word, c), *c))
+        .filter(|(score, _)| *score > 0.75)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

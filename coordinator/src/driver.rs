@@ -1,0 +1,248 @@
+//! Runs one job: serves the gRPC API, starts workers through a launcher, feeds every event into
+//! the [`Job`] state machine and carries out its actions. All IO of the coordinator is here or
+//! below (server, launcher, checkpoint); the decisions are in `job`.
+
+use crate::checkpoint;
+use crate::config::JobConfig;
+use crate::job::{Action, Event, Job, JobParams, Outcome};
+use crate::launcher::{LaunchPlan, Launcher, LauncherEvent};
+use crate::progress::Progress;
+use crate::server::{self, Inbound, Reply};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+/// How long workers get to exit after SIGTERM before they are killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+const TICK: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("cannot listen for workers on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot prepare checkpoint directory {}: {source}", dir.display())]
+    CheckpointDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Launch(#[from] crate::launcher::LaunchError),
+}
+
+pub struct JobReport {
+    pub outcome: Outcome,
+    pub eval_before: Option<f64>,
+    pub eval_after: Option<f64>,
+}
+
+fn random_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub async fn run(
+    config: JobConfig,
+    worker_binary: PathBuf,
+    mut launcher: Box<dyn Launcher>,
+) -> Result<JobReport, DriverError> {
+    std::fs::create_dir_all(&config.checkpoint_dir).map_err(|source| {
+        DriverError::CheckpointDir {
+            dir: config.checkpoint_dir.clone(),
+            source,
+        }
+    })?;
+    match checkpoint::remove_stale_staging(&config.checkpoint_dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            "removed {n} uncommitted checkpoint staging directories from an earlier run"
+        ),
+        Err(e) => tracing::warn!("could not clean stale staging directories: {e}"),
+    }
+
+    let addr = "127.0.0.1:0";
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| DriverError::Listen {
+            addr: addr.into(),
+            source,
+        })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| DriverError::Listen {
+            addr: addr.into(),
+            source,
+        })?;
+    let token = random_token();
+    let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(1024);
+    let service = server::build(inbound_tx, &config, token.clone());
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = shutdown_rx.await;
+                },
+            )
+            .await
+    });
+    tracing::info!(address = %local, job = %config.name, world_size = config.world_size, "coordinator listening");
+
+    let (launcher_tx, mut launcher_events) = mpsc::unbounded_channel();
+    let plan = LaunchPlan {
+        world_size: config.world_size,
+        coordinator_url: format!("http://{local}"),
+        token,
+        worker_binary,
+        log_dir: config.checkpoint_dir.join("logs"),
+    };
+    let mut job = Job::new(
+        JobParams {
+            world_size: config.world_size,
+            heartbeat_timeout: config.heartbeat_timeout,
+            rendezvous_timeout: config.rendezvous_timeout,
+            failure_grace: Duration::from_secs(1),
+        },
+        Instant::now(),
+    );
+    let mut progress = Progress::new(config.steps, config.log_every_steps as u64);
+    if let Err(e) = launcher.spawn(&plan, launcher_tx) {
+        launcher.stop_all(STOP_GRACE).await;
+        let _ = shutdown_tx.send(());
+        return Err(e.into());
+    }
+    tracing::info!(logs = %plan.log_dir.display(), "started {} workers", config.world_size);
+
+    let mut pending: HashMap<String, oneshot::Sender<Reply>> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let outcome = 'run: loop {
+        let (event, mut reply) = tokio::select! {
+            Some(inb) = inbound.recv() => (inb.event, Some(inb.reply)),
+            Some(LauncherEvent::Exited { worker_id, success, status, last_line }) = launcher_events.recv() => {
+                (Event::WorkerExited { worker_id, success, status, last_line }, None)
+            }
+            _ = tick.tick() => (Event::Tick, None),
+            _ = tokio::signal::ctrl_c() => (Event::Interrupted, None),
+            Some(_) = async { match sigterm.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {
+                (Event::Interrupted, None)
+            }
+        };
+        if let Event::Registered(info) = &event {
+            if let Some(r) = reply.take() {
+                pending.insert(info.worker_id.clone(), r);
+            }
+        }
+        let is_heartbeat = matches!(event, Event::Heartbeat { .. });
+        let mut queue: Vec<Action> = job.handle(event, Instant::now());
+        let mut finished = None;
+        while !queue.is_empty() {
+            for action in std::mem::take(&mut queue) {
+                match action {
+                    Action::Assign(list) => {
+                        for (worker_id, assignment) in list {
+                            if let Some(r) = pending.remove(&worker_id) {
+                                let _ = r.send(Reply::Assigned(assignment));
+                            }
+                        }
+                        tracing::info!(
+                            "all {} workers registered; training starts",
+                            config.world_size
+                        );
+                    }
+                    Action::Reject { worker_id, reason } => {
+                        tracing::warn!(%worker_id, "registration refused: {reason}");
+                        let r = pending.remove(&worker_id).or_else(|| reply.take());
+                        if let Some(r) = r {
+                            let _ = r.send(Reply::Rejected(reason));
+                        }
+                    }
+                    Action::Progress(m) => progress.step(&m),
+                    Action::Eval(m) => progress.eval(&m),
+                    Action::Commit {
+                        step,
+                        staging_dir,
+                        is_final,
+                    } => {
+                        let root = config.checkpoint_dir.clone();
+                        let keep = config.checkpoint_keep;
+                        let staging = PathBuf::from(&staging_dir);
+                        let result = tokio::task::spawn_blocking(move || {
+                            checkpoint::commit(&root, &staging, step, is_final, keep)
+                        })
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                        let follow_up = match &result {
+                            Ok(path) => {
+                                progress.message(format!(
+                                    "checkpoint step {step} committed: {}",
+                                    path.display()
+                                ));
+                                Event::CheckpointCommitted {
+                                    step,
+                                    path: path.to_string_lossy().into_owned(),
+                                    is_final,
+                                }
+                            }
+                            Err(e) => Event::CheckpointFailed {
+                                step,
+                                reason: e.clone(),
+                            },
+                        };
+                        if let Some(r) = reply.take() {
+                            let _ = r.send(Reply::Committed(
+                                result.map(|p| p.to_string_lossy().into_owned()),
+                            ));
+                        }
+                        queue.extend(job.handle(follow_up, Instant::now()));
+                    }
+                    Action::StopWorkers { reason } => {
+                        tracing::info!("stopping all workers: {reason}");
+                        // Workers blocked in register learn that the job is over.
+                        pending.clear();
+                        launcher.stop_all(STOP_GRACE).await;
+                    }
+                    Action::Done(outcome) => finished = Some(outcome),
+                }
+            }
+        }
+        if let Some(r) = reply.take() {
+            let answer = if is_heartbeat {
+                Reply::Heartbeat {
+                    proceed: job.should_continue(),
+                    reason: if job.should_continue() {
+                        String::new()
+                    } else {
+                        "the job is stopping".into()
+                    },
+                }
+            } else {
+                Reply::Ack
+            };
+            let _ = r.send(answer);
+        }
+        if let Some(outcome) = finished {
+            break 'run outcome;
+        }
+    };
+    progress.finish();
+    // Make sure nothing outlives the job, whatever the outcome.
+    launcher.stop_all(STOP_GRACE).await;
+    let _ = shutdown_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(JobReport {
+        outcome,
+        eval_before: progress.eval_before,
+        eval_after: progress.eval_after,
+    })
+}

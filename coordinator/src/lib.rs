@@ -1,0 +1,43 @@
+//! ferrotune's coordinator: a small control plane that never links libtorch.
+//!
+//! `config` reads cluster.yaml, `job` decides (a pure state machine), `driver` does the IO around
+//! it with `server` (gRPC edge), `launcher` (worker processes) and `checkpoint` (commits).
+
+pub mod checkpoint;
+pub mod config;
+pub mod driver;
+pub mod job;
+pub mod launcher;
+pub mod progress;
+pub mod server;
+
+use std::path::PathBuf;
+
+/// Where the worker binary is: the config's `cluster.worker_binary`, else `FERROTUNE_WORKER_BIN`,
+/// else `worker` next to this executable (how `cargo build` and the container images lay it out).
+pub fn resolve_worker_binary(config: &config::JobConfig) -> Result<PathBuf, String> {
+    if let Some(p) = &config.worker_binary {
+        return Ok(p.clone());
+    }
+    if let Some(p) = std::env::var_os("FERROTUNE_WORKER_BIN") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!(
+                "FERROTUNE_WORKER_BIN={} is not a file",
+                p.display()
+            ))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot locate this executable: {e}"))?;
+    let sibling = exe.with_file_name("worker");
+    if sibling.is_file() {
+        Ok(sibling)
+    } else {
+        Err(format!(
+            "no worker binary at {}: build it with `cargo build --release -p ferrotune-worker`, or set cluster.worker_binary or FERROTUNE_WORKER_BIN",
+            sibling.display()
+        ))
+    }
+}

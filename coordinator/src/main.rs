@@ -1,0 +1,127 @@
+//! `coordinator launch|validate cluster.yaml`.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use ferrotune_coordinator::{config, driver, job::Outcome, launcher, resolve_worker_binary};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "ferrotune control plane: distributed full fine-tuning"
+)]
+struct Cli {
+    /// Log format on stderr (filter with RUST_LOG, e.g. RUST_LOG=debug).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config, start the workers and run the fine-tuning job.
+    Launch { config: PathBuf },
+    /// Check a config (and the files it names) without starting anything.
+    Validate { config: PathBuf },
+}
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_BAD_INPUT: u8 = 2;
+const EXIT_INTERRUPTED: u8 = 130;
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(path: &Path) -> Result<config::JobConfig, ExitCode> {
+    config::load(path).map_err(|e| {
+        eprintln!("error: invalid job config\n{e}");
+        ExitCode::from(EXIT_BAD_INPUT)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Validate { config } => match load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok (job {}, {} workers, {} steps)",
+                    config.display(),
+                    c.name,
+                    c.world_size,
+                    c.steps
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Launch { config } => {
+            let c = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match launch(c) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
+        }
+    }
+}
+
+fn launch(config: config::JobConfig) -> anyhow::Result<ExitCode> {
+    let worker = resolve_worker_binary(&config).map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    // The driver runs on this (main) thread: workers' parent-death signal is tied to the thread
+    // that forked them, and this one lives as long as the job.
+    let launcher: Box<dyn launcher::Launcher> = match config.launcher {
+        config::LauncherKind::Local => Box::new(launcher::local::LocalLauncher::new()),
+    };
+    let report = runtime.block_on(driver::run(config, worker, launcher))?;
+    Ok(match report.outcome {
+        Outcome::Succeeded { final_checkpoint } => {
+            if let (Some(before), Some(after)) = (report.eval_before, report.eval_after) {
+                let change = if before > 0.0 {
+                    (after - before) / before * 100.0
+                } else {
+                    0.0
+                };
+                println!("held-out loss: {before:.4} -> {after:.4} ({change:+.1}%)");
+            }
+            if let Some(path) = final_checkpoint {
+                println!("final checkpoint: {path}");
+            }
+            ExitCode::SUCCESS
+        }
+        Outcome::Failed { reason } => {
+            eprintln!("error: job failed: {reason}");
+            ExitCode::from(EXIT_FAILED)
+        }
+        Outcome::Interrupted => {
+            eprintln!("interrupted: all workers stopped");
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
+    })
+}

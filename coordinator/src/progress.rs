@@ -1,0 +1,89 @@
+//! What the user sees while a job runs: a progress bar on a terminal, plain lines otherwise.
+//! Per-step lines go to stdout in both cases so a log or a pipe keeps the loss curve.
+
+use crate::job::{EvalMetrics, StepMetrics};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    total_steps: u64,
+    log_every: u64,
+    pub eval_before: Option<f64>,
+    pub eval_after: Option<f64>,
+}
+
+impl Progress {
+    pub fn new(total_steps: u64, log_every: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar =
+                ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} step {pos}/{len} {msg} ETA {eta}",
+                )
+                .expect("static template"),
+            );
+            bar
+        });
+        Progress {
+            bar,
+            total_steps,
+            log_every: log_every.max(1),
+            eval_before: None,
+            eval_after: None,
+        }
+    }
+
+    fn line(&self, text: String) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => println!("{text}"),
+        }
+    }
+
+    pub fn step(&mut self, m: &StepMetrics) {
+        let tokens_per_s = if m.step_seconds > 0.0 {
+            m.tokens as f64 / m.step_seconds
+        } else {
+            0.0
+        };
+        if let Some(bar) = &self.bar {
+            bar.set_position(m.step);
+            bar.set_message(format!("loss {:.4} | {:.0} tok/s", m.loss, tokens_per_s));
+        }
+        if m.step.is_multiple_of(self.log_every) || m.step == self.total_steps {
+            self.line(format!(
+                "step {:>5}/{} | loss {:.4} | lr {:.3e} | grad_norm {:.3} | {:.0} tok/s",
+                m.step, self.total_steps, m.loss, m.lr, m.grad_norm, tokens_per_s
+            ));
+        }
+    }
+
+    pub fn eval(&mut self, m: &EvalMetrics) {
+        match m.phase.as_str() {
+            "before" => self.eval_before = Some(m.loss),
+            "after" => self.eval_after = Some(m.loss),
+            _ => {}
+        }
+        let label = match m.phase.as_str() {
+            "before" => "before fine-tuning".to_string(),
+            "after" => "after fine-tuning".to_string(),
+            other => format!("at step {} ({other})", m.step),
+        };
+        self.line(format!(
+            "held-out loss {label}: {:.4} ({} tokens)",
+            m.loss, m.tokens
+        ));
+    }
+
+    pub fn message(&self, text: String) {
+        self.line(text);
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The tonic service: pb messages in, domain events to the driver, pb answers out.
+//! No job logic lives here; the generated `pb` types stay inside this module.
+
+use crate::config::{JobConfig, ModelInit};
+use crate::job::{Assignment, EvalMetrics, Event, StepMetrics, WorkerInfo};
+use ferrotune_proto::v1 as pb;
+use ferrotune_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+/// The driver's answer to one inbound event.
+#[derive(Debug)]
+pub enum Reply {
+    Assigned(Assignment),
+    Rejected(String),
+    Heartbeat { proceed: bool, reason: String },
+    Committed(Result<String, String>),
+    Ack,
+}
+
+/// One event from a worker, with the channel its answer goes back on.
+pub struct Inbound {
+    pub event: Event,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+pub struct Service {
+    inbound: mpsc::Sender<Inbound>,
+    spec: pb::TrainingSpec,
+}
+
+/// The service wrapped in the token check. Every RPC without the job's token is refused.
+pub fn build(
+    inbound: mpsc::Sender<Inbound>,
+    config: &JobConfig,
+    token: String,
+) -> tonic::service::interceptor::InterceptedService<
+    CoordinatorServer<Service>,
+    impl tonic::service::Interceptor + Clone,
+> {
+    let service = Service {
+        inbound,
+        spec: training_spec(config),
+    };
+    CoordinatorServer::with_interceptor(service, move |req: Request<()>| {
+        let given = req
+            .metadata()
+            .get(ferrotune_proto::TOKEN_METADATA_KEY)
+            .and_then(|v| v.to_str().ok());
+        if given == Some(token.as_str()) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong job token: workers get it from the launcher in FERROTUNE_JOB_TOKEN",
+            ))
+        }
+    })
+}
+
+fn training_spec(c: &JobConfig) -> pb::TrainingSpec {
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    pb::TrainingSpec {
+        job_name: c.name.clone(),
+        seed: c.seed,
+        model: Some(pb::ModelSpec {
+            path: path(&c.model_path),
+            random_init: c.model_init == ModelInit::Random,
+        }),
+        data: Some(pb::DataSpec {
+            train_path: path(&c.train_path),
+            eval_path: c.eval_path.as_deref().map(path).unwrap_or_default(),
+            seq_len: c.seq_len,
+            eval_max_sequences: c.eval_max_sequences,
+        }),
+        optim: Some(pb::OptimSpec {
+            lr: c.lr,
+            min_lr: c.min_lr,
+            warmup_steps: c.warmup_steps,
+            total_steps: c.steps,
+            weight_decay: c.weight_decay,
+            beta1: c.betas.0,
+            beta2: c.betas.1,
+            eps: c.eps,
+            grad_clip: c.grad_clip,
+            micro_batch_size: c.micro_batch_size,
+            grad_accum_steps: c.grad_accum_steps,
+        }),
+        checkpoint: Some(pb::CheckpointSpec {
+            dir: path(&c.checkpoint_dir),
+            every_steps: c.checkpoint_every_steps,
+        }),
+        // 0 lets each worker divide its own host's cores among the workers there.
+        intra_op_threads: c.threads_per_worker.unwrap_or(0),
+        collective_timeout_ms: c.collective_timeout.as_millis() as u64,
+        heartbeat_interval_ms: c.heartbeat_interval.as_millis() as u64,
+        bucket_bytes: c.bucket_bytes,
+        log_every_steps: c.log_every_steps,
+        device: "cpu".into(),
+    }
+}
+
+impl Service {
+    async fn send(&self, event: Event) -> Result<Reply, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.inbound
+            .send(Inbound { event, reply })
+            .await
+            .map_err(|_| Status::unavailable("the job is over"))?;
+        answer
+            .await
+            .map_err(|_| Status::unavailable("the job is over"))
+    }
+
+    async fn ack(&self, event: Event) -> Result<Response<pb::Ack>, Status> {
+        match self.send(event).await? {
+            Reply::Rejected(reason) => Err(Status::failed_precondition(reason)),
+            _ => Ok(Response::new(pb::Ack {})),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Service {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let r = request.into_inner();
+        if r.worker_id.is_empty() || r.peer_address.is_empty() {
+            return Err(Status::invalid_argument(
+                "worker_id and peer_address are required",
+            ));
+        }
+        let info = WorkerInfo {
+            worker_id: r.worker_id,
+            host: r.host,
+            local_index: r.local_index,
+            peer_address: r.peer_address,
+        };
+        match self.send(Event::Registered(info)).await? {
+            Reply::Assigned(a) => Ok(Response::new(pb::RegisterResponse {
+                assignment: Some(pb::Assignment {
+                    rank: a.rank,
+                    world_size: a.world_size,
+                    local_rank: a.local_rank,
+                    local_world_size: a.local_world_size,
+                    generation: a.generation,
+                    peer_addresses: a.peer_addresses,
+                    backend: pb::CollectiveBackend::TcpRing as i32,
+                }),
+                spec: Some(self.spec.clone()),
+            })),
+            Reply::Rejected(reason) => Err(Status::failed_precondition(reason)),
+            other => Err(Status::internal(format!(
+                "unexpected answer to register: {other:?}"
+            ))),
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        let reply = self
+            .send(Event::Heartbeat {
+                rank: r.rank,
+                generation: r.generation,
+            })
+            .await?;
+        let (command, reason) = match reply {
+            Reply::Heartbeat { proceed: true, .. } => (pb::Command::Continue, String::new()),
+            Reply::Heartbeat {
+                proceed: false,
+                reason,
+            } => (pb::Command::Abort, reason),
+            _ => (pb::Command::Abort, "the job is over".to_string()),
+        };
+        Ok(Response::new(pb::HeartbeatResponse {
+            command: command as i32,
+            reason,
+        }))
+    }
+
+    async fn report_step(
+        &self,
+        request: Request<pb::StepReport>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let r = request.into_inner();
+        let metrics = StepMetrics {
+            step: r.step,
+            loss: r.loss,
+            lr: r.lr,
+            grad_norm: r.grad_norm,
+            tokens: r.tokens,
+            step_seconds: r.step_seconds,
+        };
+        self.ack(Event::StepReported {
+            rank: r.rank,
+            metrics,
+        })
+        .await
+    }
+
+    async fn report_eval(
+        &self,
+        request: Request<pb::EvalReport>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let r = request.into_inner();
+        let metrics = EvalMetrics {
+            step: r.step,
+            phase: r.phase,
+            loss: r.loss,
+            tokens: r.tokens,
+        };
+        self.ack(Event::EvalReported {
+            rank: r.rank,
+            metrics,
+        })
+        .await
+    }
+
+    async fn commit_checkpoint(
+        &self,
+        request: Request<pb::CheckpointReady>,
+    ) -> Result<Response<pb::CheckpointCommitted>, Status> {
+        let r = request.into_inner();
+        let event = Event::CheckpointReady {
+            rank: r.rank,
+            step: r.step,
+            staging_dir: r.staging_dir,
+            is_final: r.is_final,
+        };
+        match self.send(event).await? {
+            Reply::Committed(Ok(path)) => Ok(Response::new(pb::CheckpointCommitted { path })),
+            Reply::Committed(Err(e)) => Err(Status::internal(e)),
+            Reply::Rejected(reason) => Err(Status::failed_precondition(reason)),
+            _ => Ok(Response::new(pb::CheckpointCommitted {
+                path: String::new(),
+            })),
+        }
+    }
+
+    async fn finish(
+        &self,
+        request: Request<pb::FinishRequest>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let r = request.into_inner();
+        self.ack(Event::Finished {
+            rank: r.rank,
+            ok: r.ok,
+            error: r.error,
+        })
+        .await
+    }
+}

@@ -1,0 +1,298 @@
+//! The worker's side of the gRPC API: register, heartbeats, reports. The generated `pb` types
+//! stay in this module; the training loop sees [`Reporter`] and domain types only.
+
+use crate::spec::{Placement, TrainSpec};
+use crate::train::{Reporter, StepStats};
+use ferrotune_proto::v1 as pb;
+use ferrotune_proto::v1::coordinator_client::CoordinatorClient;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot reach the coordinator at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("the coordinator refused: {} ({:?})", .0.message(), .0.code())]
+    Rpc(#[from] Status),
+    #[error("the coordinator sent an incomplete answer: {0}")]
+    Protocol(&'static str),
+    #[error("the job token is not valid metadata")]
+    BadToken,
+}
+
+#[derive(Clone)]
+struct TokenInterceptor(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        req.metadata_mut()
+            .insert(ferrotune_proto::TOKEN_METADATA_KEY, self.0.clone());
+        Ok(req)
+    }
+}
+
+type Client = CoordinatorClient<InterceptedService<Channel, TokenInterceptor>>;
+
+#[derive(Clone)]
+pub struct Agent {
+    client: Client,
+}
+
+/// What this worker tells the coordinator about itself.
+pub struct Identity {
+    pub worker_id: String,
+    pub host: String,
+    pub local_index: u32,
+    pub peer_address: String,
+}
+
+impl Agent {
+    /// Connects, retrying for up to `patience` (the coordinator may still be starting).
+    pub async fn connect(url: &str, token: &str, patience: Duration) -> Result<Self, AgentError> {
+        let token = MetadataValue::try_from(token).map_err(|_| AgentError::BadToken)?;
+        let endpoint = Channel::from_shared(url.to_string())
+            .map_err(|e| AgentError::Connect {
+                url: url.into(),
+                message: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(5));
+        let deadline = Instant::now() + patience;
+        let channel = loop {
+            match endpoint.connect().await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(AgentError::Connect {
+                        url: url.into(),
+                        message: e.to_string(),
+                    })
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        };
+        Ok(Agent {
+            client: CoordinatorClient::with_interceptor(channel, TokenInterceptor(token)),
+        })
+    }
+
+    #[tracing::instrument(skip(self, me), fields(worker_id = %me.worker_id))]
+    pub async fn register(&self, me: &Identity) -> Result<(Placement, TrainSpec), AgentError> {
+        let request = pb::RegisterRequest {
+            worker_id: me.worker_id.clone(),
+            host: me.host.clone(),
+            local_index: me.local_index,
+            devices: vec![pb::Device {
+                kind: "cpu".into(),
+                index: 0,
+                name: "cpu".into(),
+                memory_bytes: 0,
+            }],
+            peer_address: me.peer_address.clone(),
+            pid: std::process::id(),
+            worker_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let answer = self.client.clone().register(request).await?.into_inner();
+        let a = answer
+            .assignment
+            .ok_or(AgentError::Protocol("register: no assignment"))?;
+        let s = answer
+            .spec
+            .ok_or(AgentError::Protocol("register: no training spec"))?;
+        let placement = Placement {
+            rank: a.rank as usize,
+            world_size: a.world_size as usize,
+            local_rank: a.local_rank as usize,
+            local_world_size: a.local_world_size as usize,
+            generation: a.generation,
+            peer_addresses: a.peer_addresses,
+        };
+        Ok((placement, spec_from_pb(s)?))
+    }
+
+    /// One heartbeat; Ok(Some(reason)) when the coordinator says to abort.
+    pub async fn heartbeat(
+        &self,
+        rank: usize,
+        generation: u64,
+        step: u64,
+    ) -> Result<Option<String>, AgentError> {
+        let r = self
+            .client
+            .clone()
+            .heartbeat(pb::HeartbeatRequest {
+                rank: rank as u32,
+                generation,
+                step,
+            })
+            .await?
+            .into_inner();
+        Ok((r.command == pb::Command::Abort as i32).then_some(r.reason))
+    }
+
+    pub async fn finish(
+        &self,
+        rank: usize,
+        generation: u64,
+        error: Option<String>,
+    ) -> Result<(), AgentError> {
+        let request = pb::FinishRequest {
+            rank: rank as u32,
+            generation,
+            ok: error.is_none(),
+            error: error.unwrap_or_default(),
+        };
+        self.client.clone().finish(request).await?;
+        Ok(())
+    }
+}
+
+fn spec_from_pb(s: pb::TrainingSpec) -> Result<TrainSpec, AgentError> {
+    let model = s.model.ok_or(AgentError::Protocol("spec: no model"))?;
+    let data = s.data.ok_or(AgentError::Protocol("spec: no data"))?;
+    let optim = s.optim.ok_or(AgentError::Protocol("spec: no optimizer"))?;
+    let checkpoint = s
+        .checkpoint
+        .ok_or(AgentError::Protocol("spec: no checkpoint"))?;
+    Ok(TrainSpec {
+        job_name: s.job_name,
+        seed: s.seed,
+        model_path: PathBuf::from(model.path),
+        random_init: model.random_init,
+        train_path: PathBuf::from(data.train_path),
+        eval_path: (!data.eval_path.is_empty()).then(|| PathBuf::from(data.eval_path)),
+        seq_len: data.seq_len as usize,
+        eval_max_sequences: data.eval_max_sequences as usize,
+        lr: optim.lr,
+        min_lr: optim.min_lr,
+        warmup_steps: optim.warmup_steps,
+        total_steps: optim.total_steps,
+        weight_decay: optim.weight_decay,
+        beta1: optim.beta1,
+        beta2: optim.beta2,
+        eps: optim.eps,
+        grad_clip: optim.grad_clip,
+        micro_batch_size: optim.micro_batch_size as usize,
+        grad_accum_steps: optim.grad_accum_steps as usize,
+        checkpoint_dir: PathBuf::from(checkpoint.dir),
+        checkpoint_every_steps: checkpoint.every_steps,
+        intra_op_threads: s.intra_op_threads as usize,
+        collective_timeout: Duration::from_millis(s.collective_timeout_ms.max(1)),
+        heartbeat_interval: Duration::from_millis(s.heartbeat_interval_ms.max(10)),
+        bucket_bytes: s.bucket_bytes as usize,
+        log_every_steps: s.log_every_steps.max(1) as u64,
+    })
+}
+
+/// Reports from the (blocking) training thread, carried out on the agent's runtime.
+pub struct GrpcReporter {
+    pub runtime: tokio::runtime::Handle,
+    pub agent: Agent,
+    pub placement: Placement,
+    pub abort: Arc<Mutex<Option<String>>>,
+    pub current_step: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Reporter for GrpcReporter {
+    fn step(&self, s: &StepStats) {
+        self.current_step
+            .store(s.step, std::sync::atomic::Ordering::Relaxed);
+        let request = pb::StepReport {
+            rank: self.placement.rank as u32,
+            generation: self.placement.generation,
+            step: s.step,
+            loss: s.loss,
+            lr: s.lr,
+            grad_norm: s.grad_norm,
+            tokens: s.tokens,
+            step_seconds: s.step_seconds,
+        };
+        if let Err(e) = self
+            .runtime
+            .block_on(self.agent.client.clone().report_step(request))
+        {
+            tracing::warn!("step report not delivered: {}", e.message());
+        }
+    }
+
+    fn eval(&self, phase: &str, step: u64, loss: f64, tokens: u64) {
+        let request = pb::EvalReport {
+            rank: self.placement.rank as u32,
+            generation: self.placement.generation,
+            step,
+            phase: phase.into(),
+            loss,
+            tokens,
+        };
+        if let Err(e) = self
+            .runtime
+            .block_on(self.agent.client.clone().report_eval(request))
+        {
+            tracing::warn!("eval report not delivered: {}", e.message());
+        }
+    }
+
+    fn commit_checkpoint(
+        &self,
+        step: u64,
+        staging: &Path,
+        is_final: bool,
+    ) -> Result<PathBuf, String> {
+        let request = pb::CheckpointReady {
+            rank: self.placement.rank as u32,
+            generation: self.placement.generation,
+            step,
+            staging_dir: staging.to_string_lossy().into_owned(),
+            is_final,
+        };
+        self.runtime
+            .block_on(self.agent.client.clone().commit_checkpoint(request))
+            .map(|r| PathBuf::from(r.into_inner().path))
+            .map_err(|e| format!("commit of step {step} refused: {}", e.message()))
+    }
+
+    fn abort_reason(&self) -> Option<String> {
+        self.abort.lock().ok().and_then(|a| a.clone())
+    }
+}
+
+/// Sends heartbeats until the process ends. Flags an abort when the coordinator says so, or
+/// when it has been unreachable for `give_up` (a worker must not outlive its job).
+pub async fn heartbeat_loop(
+    agent: Agent,
+    placement: Placement,
+    interval: Duration,
+    give_up: Duration,
+    abort: Arc<Mutex<Option<String>>>,
+    current_step: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut last_ok = Instant::now();
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        let step = current_step.load(std::sync::atomic::Ordering::Relaxed);
+        let reason = match agent
+            .heartbeat(placement.rank, placement.generation, step)
+            .await
+        {
+            Ok(None) => {
+                last_ok = Instant::now();
+                None
+            }
+            Ok(Some(reason)) => Some(format!("the coordinator ended the job: {reason}")),
+            Err(e) if last_ok.elapsed() > give_up => Some(format!(
+                "no contact with the coordinator for {give_up:?}: {e}"
+            )),
+            Err(_) => None,
+        };
+        if let Some(reason) = reason {
+            if let Ok(mut a) = abort.lock() {
+                *a = Some(reason);
+            }
+            return;
+        }
+    }
+}

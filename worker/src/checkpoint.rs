@@ -1,0 +1,118 @@
+//! Writing a rank's part of a checkpoint into a staging directory under the checkpoint root.
+//! The coordinator commits it (manifest, rename); nothing here ever writes a final name.
+//!
+//! Layout (Hugging Face first, so `from_pretrained(dir)` works on it directly):
+//!   config.json, model.safetensors, tokenizer files     the fine-tuned model
+//!   training_state/optimizer.safetensors                AdamW exp_avg / exp_avg_sq per parameter
+//!   training_state/trainer_state.json                   step, data cursor, schedule, seed
+
+use crate::model::io::LoadedModel;
+use crate::optim::AdamW;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use tch::{Device, Tensor};
+
+/// Files copied through from the base model directory when present.
+const PASSTHROUGH: &[&str] = &[
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
+
+#[derive(Debug, Serialize)]
+pub struct TrainerState {
+    pub step: u64,
+    pub epoch: u64,
+    pub step_in_epoch: u64,
+    pub seed: u64,
+    pub world_size: usize,
+    pub global_batch_sequences: usize,
+    pub seq_len: usize,
+    pub optimizer_steps: u64,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub total_steps: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Tensor(String),
+}
+
+fn io<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> CheckpointError + 'a {
+    move |source| CheckpointError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn sync_file(path: &Path) -> Result<(), CheckpointError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io("sync", path))
+}
+
+/// Writes everything into `<root>/.staging-<step>-r<rank>-<pid>` and returns that path.
+pub fn write_staging(
+    root: &Path,
+    rank: usize,
+    model: &LoadedModel,
+    model_src: &Path,
+    optimizer: &AdamW,
+    state: &TrainerState,
+) -> Result<PathBuf, CheckpointError> {
+    std::fs::create_dir_all(root).map_err(io("create", root))?;
+    let staging = root.join(format!(
+        ".staging-{:08}-r{rank}-{}",
+        state.step,
+        std::process::id()
+    ));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(io("clear", &staging))?;
+    }
+    let training_state = staging.join("training_state");
+    std::fs::create_dir_all(&training_state).map_err(io("create", &training_state))?;
+
+    let weights = staging.join("model.safetensors");
+    model
+        .save_weights(&weights)
+        .map_err(|e| CheckpointError::Tensor(e.to_string()))?;
+    sync_file(&weights)?;
+    for name in PASSTHROUGH {
+        let src = model_src.join(name);
+        if src.is_file() {
+            let dst = staging.join(name);
+            std::fs::copy(&src, &dst).map_err(io("copy", &src))?;
+            sync_file(&dst)?;
+        }
+    }
+
+    let opt_path = training_state.join("optimizer.safetensors");
+    let named: Vec<(String, Tensor)> = optimizer
+        .state_tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_device(Device::Cpu).contiguous()))
+        .collect();
+    Tensor::write_safetensors(&named, &opt_path)
+        .map_err(|e| CheckpointError::Tensor(format!("{}: {e}", opt_path.display())))?;
+    sync_file(&opt_path)?;
+    let state_path = training_state.join("trainer_state.json");
+    let json = serde_json::to_vec_pretty(state).expect("trainer state serialises");
+    std::fs::write(&state_path, json).map_err(io("write", &state_path))?;
+    sync_file(&state_path)?;
+    Ok(staging)
+}

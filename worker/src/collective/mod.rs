@@ -1,0 +1,99 @@
+//! Collectives between the ranks of a data-parallel group.
+//!
+//! The training loop sees only [`Collective`]. The CPU backend is a TCP ring ([`ring`]); the NCCL
+//! backend for GPUs implements the same trait. Gradients are packed into flat buckets so that a
+//! model with hundreds of small tensors costs a few large transfers, not hundreds of small ones.
+
+pub mod ring;
+
+use std::time::Duration;
+use tch::{Kind, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    #[error("rank {peer} did not answer within {timeout:?} ({during})")]
+    Timeout {
+        peer: usize,
+        timeout: Duration,
+        during: &'static str,
+    },
+    #[error("lost the connection to rank {peer} ({during}): {source}")]
+    PeerLost {
+        peer: usize,
+        during: &'static str,
+        source: std::io::Error,
+    },
+    #[error("could not connect to rank {peer} at {address} within {timeout:?}: {source}")]
+    Connect {
+        peer: usize,
+        address: String,
+        timeout: Duration,
+        source: std::io::Error,
+    },
+    #[error("no valid connection from rank {peer} within {timeout:?}")]
+    NoIncoming { peer: usize, timeout: Duration },
+    #[error("collective setup: {0}")]
+    Setup(String),
+    #[error("all-reduce needs fp32 tensors on the CPU, got {kind:?} on {device:?}")]
+    UnsupportedTensor { kind: Kind, device: tch::Device },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+}
+
+pub trait Collective: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+
+    /// Reduces each tensor in place across all ranks. Every rank passes tensors of the same
+    /// shapes in the same order and ends with bitwise identical results.
+    fn all_reduce(&mut self, tensors: &mut [Tensor], op: ReduceOp) -> Result<(), CollectiveError>;
+
+    /// Reduces a few scalars (losses, token counts) in f64.
+    fn all_reduce_scalars(
+        &mut self,
+        values: &mut [f64],
+        op: ReduceOp,
+    ) -> Result<(), CollectiveError>;
+}
+
+/// The group of one: every reduction is the identity.
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce(&mut self, _: &mut [Tensor], _: ReduceOp) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+    fn all_reduce_scalars(&mut self, _: &mut [f64], _: ReduceOp) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
+/// Splits tensors (by element count, in order) into buckets of at most `bucket_elems` elements;
+/// a tensor larger than a bucket gets a bucket of its own. Returns index ranges into `sizes`.
+pub fn plan_buckets(sizes: &[usize], bucket_elems: usize) -> Vec<std::ops::Range<usize>> {
+    let mut buckets = Vec::new();
+    let mut start = 0;
+    let mut filled = 0;
+    for (i, &n) in sizes.iter().enumerate() {
+        if filled > 0 && filled + n > bucket_elems {
+            buckets.push(start..i);
+            start = i;
+            filled = 0;
+        }
+        filled += n;
+    }
+    if start < sizes.len() {
+        buckets.push(start..sizes.len());
+    }
+    buckets
+}

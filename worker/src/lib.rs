@@ -1,0 +1,12 @@
+//! ferrotune's worker: joins a job through the coordinator, trains its data-parallel share of
+//! a Llama-family model on libtorch, exchanges gradients with its peers, writes checkpoints.
+
+pub mod agent;
+pub mod checkpoint;
+pub mod collective;
+pub mod data;
+pub mod model;
+pub mod optim;
+pub mod run;
+pub mod spec;
+pub mod train;

@@ -1,0 +1,160 @@
+//! AdamW, the learning-rate schedule and gradient clipping.
+//!
+//! AdamW is written out (not libtorch's C++ optimizer) so that its state is ours to save and
+//! restore exactly: `exp_avg`/`exp_avg_sq` per parameter plus the step count. The update is
+//! torch.optim.AdamW's, operation for operation.
+
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+struct ParamState {
+    name: String,
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    decay: bool,
+}
+
+pub struct AdamW {
+    config: AdamWConfig,
+    params: Vec<ParamState>,
+    step: u64,
+}
+
+impl AdamW {
+    /// Matrices and embeddings decay; vectors (norm weights, biases) do not, as in the usual
+    /// GPT/Llama recipes.
+    pub fn new(named: Vec<(String, Tensor)>, config: AdamWConfig) -> Self {
+        let params = named
+            .into_iter()
+            .map(|(name, param)| ParamState {
+                exp_avg: param.zeros_like(),
+                exp_avg_sq: param.zeros_like(),
+                decay: param.dim() >= 2,
+                name,
+                param,
+            })
+            .collect();
+        AdamW {
+            config,
+            params,
+            step: 0,
+        }
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    pub fn step(&mut self, lr: f64) {
+        self.step += 1;
+        let c = &self.config;
+        let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
+        let step_size = lr / bias_correction1;
+        let bias_correction2_sqrt = bias_correction2.sqrt();
+        tch::no_grad(|| {
+            for p in &mut self.params {
+                let grad = p.param.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                if p.decay && c.weight_decay != 0.0 {
+                    let _ = p.param.g_mul_scalar_(1.0 - lr * c.weight_decay);
+                }
+                let _ = p.exp_avg.lerp_(&grad, 1.0 - c.beta1);
+                // tch's addcmul_/addcdiv_ take no `value`, so the scale goes on one operand.
+                let _ = p
+                    .exp_avg_sq
+                    .g_mul_scalar_(c.beta2)
+                    .addcmul_(&(&grad * (1.0 - c.beta2)), &grad);
+                let denom = (p.exp_avg_sq.sqrt() / bias_correction2_sqrt) + c.eps;
+                let _ = p.param.addcdiv_(&(&p.exp_avg * -step_size), &denom);
+            }
+        });
+    }
+
+    /// Optimizer state for a checkpoint: `exp_avg.<param>` and `exp_avg_sq.<param>`.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(2 * self.params.len());
+        for p in &self.params {
+            out.push((format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone()));
+            out.push((
+                format!("exp_avg_sq.{}", p.name),
+                p.exp_avg_sq.shallow_clone(),
+            ));
+        }
+        out
+    }
+
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            p.param.zero_grad();
+        }
+    }
+
+    pub fn gradients(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|p| p.param.grad())
+            .filter(|g| g.defined())
+            .collect()
+    }
+}
+
+/// Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `total_steps`.
+/// `step` counts from 0; the first step already gets lr/warmup rather than zero.
+pub fn lr_at(step: u64, lr: f64, min_lr: f64, warmup_steps: u64, total_steps: u64) -> f64 {
+    if step < warmup_steps {
+        return lr * (step + 1) as f64 / warmup_steps as f64;
+    }
+    let decay_steps = total_steps.saturating_sub(warmup_steps).max(1);
+    let progress = ((step - warmup_steps) as f64 / decay_steps as f64).min(1.0);
+    min_lr + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (lr - min_lr)
+}
+
+/// Scales gradients so their global L2 norm is at most `max_norm` (0: no clipping), as
+/// torch.nn.utils.clip_grad_norm_ does. Returns the norm before clipping.
+pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> f64 {
+    tch::no_grad(|| {
+        let squares: Vec<Tensor> = grads
+            .iter()
+            .map(|g| g.pow_tensor_scalar(2).sum(Kind::Float))
+            .collect();
+        if squares.is_empty() {
+            return 0.0;
+        }
+        let total = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt();
+        let norm = total.double_value(&[]);
+        if max_norm > 0.0 {
+            let coef = (max_norm / (norm + 1e-6)).min(1.0);
+            for g in grads {
+                let _ = g.shallow_clone().g_mul_scalar_(coef);
+            }
+        }
+        norm
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_min() {
+        let (lr, min) = (1e-3, 1e-4);
+        assert!((lr_at(0, lr, min, 4, 20) - 0.25e-3).abs() < 1e-12);
+        assert!((lr_at(3, lr, min, 4, 20) - lr).abs() < 1e-12);
+        assert!((lr_at(4, lr, min, 4, 20) - lr).abs() < 1e-12);
+        assert!((lr_at(12, lr, min, 4, 20) - (min + 0.5 * (lr - min))).abs() < 1e-12);
+        assert!((lr_at(20, lr, min, 4, 20) - min).abs() < 1e-12);
+        assert!((lr_at(25, lr, min, 4, 20) - min).abs() < 1e-12);
+    }
+}

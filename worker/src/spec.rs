@@ -1,0 +1,46 @@
+//! What a worker is told to do, as validated domain types (the agent converts from protobuf).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// This worker's place in the current generation of the group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub local_world_size: usize,
+    pub generation: u64,
+    pub peer_addresses: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSpec {
+    pub job_name: String,
+    pub seed: u64,
+    pub model_path: PathBuf,
+    pub random_init: bool,
+    pub train_path: PathBuf,
+    pub eval_path: Option<PathBuf>,
+    pub seq_len: usize,
+    pub eval_max_sequences: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub total_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub grad_clip: f64,
+    pub micro_batch_size: usize,
+    pub grad_accum_steps: usize,
+    pub checkpoint_dir: PathBuf,
+    pub checkpoint_every_steps: u64,
+    /// 0: divide this host's cores among its workers.
+    pub intra_op_threads: usize,
+    pub collective_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    pub bucket_bytes: usize,
+    pub log_every_steps: u64,
+}
