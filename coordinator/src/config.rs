@@ -558,8 +558,13 @@ fn yaml_issue(e: &serde_saphyr::Error, text: &str) -> Issue {
         .split_once(&format!("column {column}: "))
         .map(|(_, m)| m)
         .unwrap_or(first)
-        .trim_start_matches("error: ")
-        .to_string();
+        .trim_start_matches("error: ");
+    // Some messages repeat the location; it is reported once, in front.
+    let message = match message.rfind(" at line ") {
+        Some(i) if message[i..].contains(", column ") => &message[..i],
+        _ => message,
+    }
+    .to_string();
     let mut path = key_path_at(text, line);
     let mut hint = None;
     if let Some(rest) = message.strip_prefix("unknown field `") {

@@ -1,0 +1,204 @@
+//! Helpers for driving the real binaries as a user would.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Jobs use both cores; running two at once would only make their timings meaningless.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A binary of this workspace, built in the same profile as this test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace first (`make test` does: cargo build --release --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// Python with the test requirements (safetensors, numpy): FERROTUNE_PYTHON, set by `make test`.
+/// Outside CI a missing interpreter skips the Python half of a test; under CI=true it fails.
+pub fn python() -> Option<PathBuf> {
+    match std::env::var_os("FERROTUNE_PYTHON") {
+        Some(p) => Some(PathBuf::from(p)),
+        None if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("FERROTUNE_PYTHON is not set under CI=true: run the suite through `make test`")
+        }
+        None => {
+            eprintln!("skipping Python checks: FERROTUNE_PYTHON is not set (run through `make test`)");
+            None
+        }
+    }
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// examples/tiny (config, base model, data) copied into `dir`, without earlier runs.
+pub fn tiny_example(dir: &Path) -> PathBuf {
+    let src = repo_root().join("examples/tiny");
+    for part in ["base", "data"] {
+        copy_dir(&src.join(part), &dir.join(part));
+    }
+    std::fs::copy(src.join("cluster.yaml"), dir.join("cluster.yaml")).unwrap();
+    dir.join("cluster.yaml")
+}
+
+/// A small random-init model using the example tokenizer, plus the example data, in `dir`.
+pub fn small_random_model(dir: &Path) {
+    let src = repo_root().join("examples/tiny");
+    std::fs::create_dir_all(dir.join("base")).unwrap();
+    std::fs::copy(src.join("base/tokenizer.json"), dir.join("base/tokenizer.json")).unwrap();
+    let config = serde_json::json!({
+        "model_type": "llama", "vocab_size": 259, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false,
+        "bos_token_id": 256, "eos_token_id": 257
+    });
+    std::fs::write(dir.join("base/config.json"), config.to_string()).unwrap();
+    copy_dir(&src.join("data"), &dir.join("data"));
+}
+
+/// Every process of this machine whose environment carries `FERROTUNE_TEST_TAG=tag`.
+pub fn tagged_processes(tag: &str) -> Vec<(i32, String)> {
+    let needle = format!("FERROTUNE_TEST_TAG={tag}");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else { continue };
+        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+            let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            // Zombies have an empty command line; they are already dead.
+            if !cmd.trim().is_empty() {
+                found.push((pid, cmd));
+            }
+        }
+    }
+    found
+}
+
+/// Waits (bounded) until no process with the tag is alive; returns those still there.
+pub fn wait_no_tagged(tag: &str, within: Duration) -> Vec<(i32, String)> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = tagged_processes(tag);
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn unique_tag() -> String {
+    format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos() ^ rand_suffix())
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+/// A running `coordinator launch`, its output collected line by line. Killed on drop.
+pub struct Launch {
+    pub child: Child,
+    pub tag: String,
+    pub stdout: Arc<Mutex<Vec<String>>>,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Launch {
+    pub fn start(config: &Path) -> Launch {
+        let tag = unique_tag();
+        let mut child = Command::new(bin("coordinator"))
+            .arg("launch")
+            .arg(config)
+            .env("FERROTUNE_TEST_TAG", &tag)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let collect = |pipe: Box<dyn std::io::Read + Send>| {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let sink = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push(line);
+                }
+            });
+            lines
+        };
+        let stdout = collect(Box::new(child.stdout.take().unwrap()));
+        let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        Launch { child, tag, stdout, stderr }
+    }
+
+    /// Waits for exit; kills the coordinator and fails the test past `limit`.
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("coordinator still running after {limit:?}; stderr:\n{}", self.stderr_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stdout_text(&self) -> String {
+        self.stdout.lock().unwrap().join("\n")
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Launch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a Python snippet with the test interpreter; returns its stdout.
+pub fn run_python(python: &Path, code: &str, args: &[&str]) -> String {
+    let out = Command::new(python).arg("-c").arg(code).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "python failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,69 @@
+//! The README's demo, as a new user runs it: launch the tiny example, see the loss fall, get a
+//! checkpoint that Python's `safetensors` and `json` read.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+fn number_after(text: &str, prefix: &str) -> f64 {
+    let line = text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{text}"));
+    line[prefix.len()..].split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn tiny_example_fine_tunes_and_writes_a_loadable_checkpoint() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_example(tmp.path());
+    let mut run = Launch::start(&config);
+    let status = run.wait(Duration::from_secs(180));
+    let (out, err) = (run.stdout_text(), run.stderr_text());
+    assert!(status.success(), "demo failed\nstdout:\n{out}\nstderr:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let step_lines: Vec<&str> = out.lines().filter(|l| l.starts_with("step ")).collect();
+    assert!(step_lines.len() >= 10, "expected per-step loss lines, got:\n{out}");
+    assert!(step_lines.last().unwrap().contains("60/60"));
+    let before = number_after(&out, "held-out loss before fine-tuning: ");
+    let after = number_after(&out, "held-out loss after fine-tuning: ");
+    assert!(after < 0.5 * before, "fine-tuning must clearly lower held-out loss: {before} -> {after}");
+
+    let root = tmp.path().join("runs/checkpoints");
+    let latest = std::fs::read_to_string(root.join("latest")).unwrap();
+    let ckpt = root.join(latest.trim());
+    assert!(ckpt.join("manifest.json").is_file());
+    assert!(out.contains(&format!("final checkpoint: {}", ckpt.display())), "{out}");
+    // No staging directory survives a successful run.
+    let leftovers: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".staging"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(wait_no_tagged(&run.tag, Duration::from_secs(5)).is_empty());
+
+    let Some(py) = python() else { return };
+    let report = run_python(
+        &py,
+        r#"
+import hashlib, json, os, sys
+from safetensors.numpy import load_file
+d = sys.argv[1]
+cfg = json.load(open(os.path.join(d, "config.json")))
+w = load_file(os.path.join(d, "model.safetensors"))
+assert w["model.embed_tokens.weight"].shape == (cfg["vocab_size"], cfg["hidden_size"]), w["model.embed_tokens.weight"].shape
+assert w["model.layers.0.self_attn.k_proj.weight"].shape == (cfg["num_key_value_heads"] * cfg["head_dim"], cfg["hidden_size"])
+layers = {k.split(".")[2] for k in w if k.startswith("model.layers.")}
+assert len(layers) == cfg["num_hidden_layers"], layers
+manifest = json.load(open(os.path.join(d, "manifest.json")))
+for f in manifest["files"]:
+    data = open(os.path.join(d, f["path"]), "rb").read()
+    assert len(data) == f["bytes"] and hashlib.sha256(data).hexdigest() == f["sha256"], f["path"]
+print(len(w), cfg["model_type"], len(manifest["files"]))
+"#,
+        &[ckpt.to_str().unwrap()],
+    );
+    let fields: Vec<&str> = report.split_whitespace().collect();
+    // 4 layers × 9 tensors + embed + norm + lm_head.
+    assert_eq!(fields, vec!["39", "llama", "7"], "python saw: {report}");
+}

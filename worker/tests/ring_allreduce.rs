@@ -1,0 +1,159 @@
+//! The TCP ring against the obvious computation: the mean of every rank's tensors.
+
+use ferrotune_worker::collective::ring::{Ring, RingOptions};
+use ferrotune_worker::collective::{plan_buckets, Collective, CollectiveError, ReduceOp};
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+use tch::{Kind, Tensor};
+
+fn options(timeout: Duration, bucket_bytes: usize) -> RingOptions {
+    RingOptions { timeout, bucket_bytes, token: "test-token".into(), generation: 1 }
+}
+
+fn listeners(n: usize) -> (Vec<TcpListener>, Vec<String>) {
+    let ls: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let addrs = ls.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    (ls, addrs)
+}
+
+/// Shapes with 1 element, sizes not divisible by 2 or 3, and one larger than a bucket.
+fn shapes() -> Vec<Vec<i64>> {
+    vec![vec![1], vec![7], vec![5, 3], vec![1001], vec![2], vec![64, 33]]
+}
+
+fn rank_tensors(rank: usize) -> Vec<Tensor> {
+    tch::manual_seed(100 + rank as i64);
+    shapes().iter().map(|s| Tensor::randn(s.as_slice(), (Kind::Float, tch::Device::Cpu))).collect()
+}
+
+fn check_world(world: usize) {
+    // 1 KiB buckets: 256 floats, so the (64, 33) and 1001-element tensors overflow a bucket.
+    let opts = options(Duration::from_secs(20), 1024);
+    let (ls, addrs) = listeners(world);
+    // Made here, not in the threads: libtorch's RNG is process-global.
+    let inputs: Vec<Vec<Tensor>> = (0..world).map(rank_tensors).collect();
+    let results: Vec<Vec<Tensor>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ls
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let addrs = addrs.clone();
+                let opts = opts.clone();
+                let mut ts: Vec<Tensor> = inputs[rank].iter().map(|t| t.copy()).collect();
+                s.spawn(move || {
+                    let mut ring = Ring::connect(l, rank, &addrs, &opts).unwrap();
+                    ring.all_reduce(&mut ts, ReduceOp::Mean).unwrap();
+                    let mut scalars = [rank as f64, 1.0];
+                    ring.all_reduce_scalars(&mut scalars, ReduceOp::Sum).unwrap();
+                    assert_eq!(scalars, [(0..world).sum::<usize>() as f64, world as f64]);
+                    ts
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, shape) in shapes().iter().enumerate() {
+        let stacked = Tensor::stack(&inputs.iter().map(|r| r[i].shallow_clone()).collect::<Vec<_>>(), 0);
+        let expected = stacked.mean_dim(0, false, Kind::Float);
+        for (rank, result) in results.iter().enumerate() {
+            assert_eq!(result[i].size(), *shape);
+            let diff = (&result[i] - &expected).abs().max().double_value(&[]);
+            assert!(diff <= 1e-6, "world {world}, tensor {i}, rank {rank}: max diff {diff}");
+            // Every rank ends with bitwise the same values.
+            assert!(result[i].equal(&results[0][i]), "rank {rank} differs from rank 0 on tensor {i}");
+        }
+    }
+}
+
+#[test]
+fn mean_over_two_ranks_matches_direct_computation() {
+    check_world(2);
+}
+
+#[test]
+fn mean_over_three_ranks_matches_direct_computation() {
+    check_world(3);
+}
+
+#[test]
+fn buckets_respect_the_size_limit_and_keep_order() {
+    let buckets = plan_buckets(&[1, 7, 15, 1001, 2, 2112], 256);
+    assert_eq!(buckets, vec![0..3, 3..4, 4..5, 5..6]);
+    assert_eq!(plan_buckets(&[], 256), Vec::<std::ops::Range<usize>>::new());
+    assert_eq!(plan_buckets(&[3, 3, 3], 6), vec![0..2, 2..3]);
+}
+
+#[test]
+fn a_dead_peer_is_an_error_not_a_hang() {
+    let opts = options(Duration::from_secs(3), 1 << 20);
+    let (ls, addrs) = listeners(2);
+    let started = Instant::now();
+    let err = std::thread::scope(|s| {
+        let mut it = ls.into_iter();
+        let (l0, l1) = (it.next().unwrap(), it.next().unwrap());
+        let (a0, a1) = (addrs.clone(), addrs.clone());
+        let (o0, o1) = (opts.clone(), opts.clone());
+        let survivor = s.spawn(move || {
+            let mut ring = Ring::connect(l0, 0, &a0, &o0).unwrap();
+            let mut big = vec![Tensor::ones([1 << 16], (Kind::Float, tch::Device::Cpu))];
+            ring.all_reduce(&mut big, ReduceOp::Sum).unwrap_err()
+        });
+        // Rank 1 joins the ring and then dies (drops its sockets) without reducing.
+        let ring = Ring::connect(l1, 1, &a1, &o1).unwrap();
+        drop(ring);
+        survivor.join().unwrap()
+    });
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    assert!(matches!(err, CollectiveError::PeerLost { peer: 1, .. }), "{err}");
+}
+
+#[test]
+fn a_silent_peer_times_out() {
+    let opts = options(Duration::from_millis(700), 1 << 20);
+    let (ls, addrs) = listeners(2);
+    let started = Instant::now();
+    let err = std::thread::scope(|s| {
+        let mut it = ls.into_iter();
+        let (l0, l1) = (it.next().unwrap(), it.next().unwrap());
+        let (a0, a1) = (addrs.clone(), addrs.clone());
+        let (o0, o1) = (opts.clone(), opts.clone());
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let silent = s.spawn(move || {
+            // Connected but never reduces; keeps its sockets open until told to go.
+            let _ring = Ring::connect(l1, 1, &a1, &o1).unwrap();
+            let _ = rx.recv_timeout(Duration::from_secs(10));
+        });
+        let mut ring = Ring::connect(l0, 0, &a0, &o0).unwrap();
+        let mut t = vec![Tensor::ones([10], (Kind::Float, tch::Device::Cpu))];
+        let err = ring.all_reduce(&mut t, ReduceOp::Sum).unwrap_err();
+        tx.send(()).unwrap();
+        silent.join().unwrap();
+        err
+    });
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(matches!(err, CollectiveError::Timeout { peer: 1, .. }), "{err}");
+}
+
+#[test]
+fn a_stranger_without_the_token_cannot_join() {
+    let opts = options(Duration::from_millis(800), 1 << 20);
+    let (ls, addrs) = listeners(2);
+    let mut it = ls.into_iter();
+    let (l0, _l1) = (it.next().unwrap(), it.next().unwrap());
+    let stranger_addrs = addrs.clone();
+    let stranger = std::thread::spawn(move || {
+        let mut wrong = options(Duration::from_millis(800), 1 << 20);
+        wrong.token = "not-the-token".into();
+        // Pretends to be rank 1 of the job, dialing rank 0.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut fake = stranger_addrs.clone();
+        fake[1] = l.local_addr().unwrap().to_string();
+        Ring::connect(l, 1, &fake, &wrong)
+    });
+    let err = Ring::connect(l0, 0, &addrs, &opts).err().expect("rank 0 must not accept the stranger");
+    assert!(
+        matches!(err, CollectiveError::NoIncoming { peer: 1, .. } | CollectiveError::Timeout { .. }),
+        "{err}"
+    );
+    let _ = stranger.join();
+}
