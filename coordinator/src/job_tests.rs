@@ -41,15 +41,24 @@ fn ranks_are_assigned_once_everyone_registered_ordered_by_host_then_index() {
     assert!(job.handle(worker("b1", "hostB", 1), t0).is_empty());
     assert!(job.handle(worker("a0", "hostA", 0), t0).is_empty());
     let list = assignments(&job.handle(worker("b0", "hostB", 0), t0));
-    let ranks: Vec<(String, u32, u32)> =
-        list.iter().map(|(id, a)| (id.clone(), a.rank, a.local_rank)).collect();
+    let ranks: Vec<(String, u32, u32)> = list
+        .iter()
+        .map(|(id, a)| (id.clone(), a.rank, a.local_rank))
+        .collect();
     assert_eq!(
         ranks,
-        vec![("a0".into(), 0, 0), ("b0".into(), 1, 0), ("b1".into(), 2, 1)]
+        vec![
+            ("a0".into(), 0, 0),
+            ("b0".into(), 1, 0),
+            ("b1".into(), 2, 1)
+        ]
     );
     let b1 = &list[2].1;
     assert_eq!(b1.local_world_size, 2);
-    assert_eq!(b1.peer_addresses, vec!["hostA:9000", "hostB:9000", "hostB:9001"]);
+    assert_eq!(
+        b1.peer_addresses,
+        vec!["hostA:9000", "hostB:9000", "hostB:9001"]
+    );
     assert!(job.should_continue());
 }
 
@@ -65,17 +74,40 @@ fn late_registration_is_rejected() {
 fn job_succeeds_when_every_rank_finished_and_exited() {
     let t0 = Instant::now();
     let mut job = running(2, t0);
-    job.handle(Event::CheckpointCommitted { step: 5, path: "/c/step-5".into(), is_final: true }, t0);
+    job.handle(
+        Event::CheckpointCommitted {
+            step: 5,
+            path: "/c/step-5".into(),
+            is_final: true,
+        },
+        t0,
+    );
     for (rank, id) in [(0, "w0"), (1, "w1")] {
-        assert!(job.handle(Event::Finished { rank, ok: true, error: String::new() }, t0).is_empty());
+        assert!(job
+            .handle(
+                Event::Finished {
+                    rank,
+                    ok: true,
+                    error: String::new()
+                },
+                t0
+            )
+            .is_empty());
         let actions = job.handle(
-            Event::WorkerExited { worker_id: id.into(), success: true, status: "exited with code 0".into(), last_line: None },
+            Event::WorkerExited {
+                worker_id: id.into(),
+                success: true,
+                status: "exited with code 0".into(),
+                last_line: None,
+            },
             t0,
         );
         if rank == 1 {
             assert_eq!(
                 actions,
-                vec![Action::Done(Outcome::Succeeded { final_checkpoint: Some("/c/step-5".into()) })]
+                vec![Action::Done(Outcome::Succeeded {
+                    final_checkpoint: Some("/c/step-5".into())
+                })]
             );
         } else {
             assert!(actions.is_empty());
@@ -89,7 +121,14 @@ fn killed_worker_is_blamed_over_the_neighbour_that_lost_it() {
     let t0 = Instant::now();
     let mut job = running(2, t0);
     // The survivor reports first; the killed worker's exit arrives a moment later.
-    let a = job.handle(Event::Finished { rank: 0, ok: false, error: "lost the connection to rank 1".into() }, t0);
+    let a = job.handle(
+        Event::Finished {
+            rank: 0,
+            ok: false,
+            error: "lost the connection to rank 1".into(),
+        },
+        t0,
+    );
     assert!(a.is_empty(), "waits for the grace period: {a:?}");
     let a = job.handle(
         Event::WorkerExited {
@@ -104,7 +143,10 @@ fn killed_worker_is_blamed_over_the_neighbour_that_lost_it() {
     let a = job.handle(Event::Tick, t0 + Duration::from_millis(1100));
     match &a[..] {
         [Action::StopWorkers { .. }, Action::Done(Outcome::Failed { reason })] => {
-            assert!(reason.starts_with("rank 1 (worker w1) was killed by signal 9"), "{reason}");
+            assert!(
+                reason.starts_with("rank 1 (worker w1) was killed by signal 9"),
+                "{reason}"
+            );
             assert!(reason.contains("its last log line: step 3"), "{reason}");
         }
         other => panic!("expected the job to fail, got {other:?}"),
@@ -117,22 +159,47 @@ fn failure_is_decided_at_once_when_every_worker_is_gone() {
     let t0 = Instant::now();
     let mut job = running(1, t0);
     let a = job.handle(
-        Event::WorkerExited { worker_id: "w0".into(), success: false, status: "exited with code 1".into(), last_line: None },
+        Event::WorkerExited {
+            worker_id: "w0".into(),
+            success: false,
+            status: "exited with code 1".into(),
+            last_line: None,
+        },
         t0,
     );
-    assert!(matches!(&a[..], [Action::StopWorkers { .. }, Action::Done(Outcome::Failed { .. })]), "{a:?}");
+    assert!(
+        matches!(
+            &a[..],
+            [
+                Action::StopWorkers { .. },
+                Action::Done(Outcome::Failed { .. })
+            ]
+        ),
+        "{a:?}"
+    );
 }
 
 #[test]
 fn missed_heartbeats_fail_the_job() {
     let t0 = Instant::now();
     let mut job = running(2, t0);
-    job.handle(Event::Heartbeat { rank: 0, generation: 1 }, t0 + Duration::from_secs(9));
-    assert!(job.handle(Event::Tick, t0 + Duration::from_secs(9)).is_empty());
+    job.handle(
+        Event::Heartbeat {
+            rank: 0,
+            generation: 1,
+        },
+        t0 + Duration::from_secs(9),
+    );
+    assert!(job
+        .handle(Event::Tick, t0 + Duration::from_secs(9))
+        .is_empty());
     let a = job.handle(Event::Tick, t0 + Duration::from_secs(11));
     match &a[..] {
         [Action::StopWorkers { reason }, Action::Done(Outcome::Failed { .. })] => {
-            assert!(reason.contains("rank 1 (worker w1) sent no heartbeat"), "{reason}");
+            assert!(
+                reason.contains("rank 1 (worker w1) sent no heartbeat"),
+                "{reason}"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -142,8 +209,16 @@ fn missed_heartbeats_fail_the_job() {
 fn heartbeats_of_another_generation_do_not_count() {
     let t0 = Instant::now();
     let mut job = running(1, t0);
-    job.handle(Event::Heartbeat { rank: 0, generation: 99 }, t0 + Duration::from_secs(9));
-    assert!(!job.handle(Event::Tick, t0 + Duration::from_secs(11)).is_empty());
+    job.handle(
+        Event::Heartbeat {
+            rank: 0,
+            generation: 99,
+        },
+        t0 + Duration::from_secs(9),
+    );
+    assert!(!job
+        .handle(Event::Tick, t0 + Duration::from_secs(11))
+        .is_empty());
 }
 
 #[test]
@@ -153,7 +228,9 @@ fn rendezvous_times_out() {
     job.handle(worker("w0", "h", 0), t0);
     let a = job.handle(Event::Tick, t0 + Duration::from_secs(61));
     match &a[..] {
-        [_, Action::Done(Outcome::Failed { reason })] => assert!(reason.contains("only 1 of 2 workers registered")),
+        [_, Action::Done(Outcome::Failed { reason })] => {
+            assert!(reason.contains("only 1 of 2 workers registered"))
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -162,14 +239,32 @@ fn rendezvous_times_out() {
 fn only_rank_zero_staging_is_committed_and_interrupt_stops() {
     let t0 = Instant::now();
     let mut job = running(2, t0);
-    let ready = |rank| Event::CheckpointReady { rank, step: 4, staging_dir: "/c/.staging-x".into(), is_final: false };
+    let ready = |rank| Event::CheckpointReady {
+        rank,
+        step: 4,
+        staging_dir: "/c/.staging-x".into(),
+        is_final: false,
+    };
     assert!(job.handle(ready(1), t0).is_empty());
     assert_eq!(
         job.handle(ready(0), t0),
-        vec![Action::Commit { step: 4, staging_dir: "/c/.staging-x".into(), is_final: false }]
+        vec![Action::Commit {
+            step: 4,
+            staging_dir: "/c/.staging-x".into(),
+            is_final: false
+        }]
     );
     let a = job.handle(Event::Interrupted, t0);
-    assert!(matches!(&a[..], [Action::StopWorkers { .. }, Action::Done(Outcome::Interrupted)]));
+    assert!(matches!(
+        &a[..],
+        [
+            Action::StopWorkers { .. },
+            Action::Done(Outcome::Interrupted)
+        ]
+    ));
     assert!(!job.should_continue());
-    assert!(job.handle(Event::Tick, t0).is_empty(), "a finished job ignores further events");
+    assert!(
+        job.handle(Event::Tick, t0).is_empty(),
+        "a finished job ignores further events"
+    );
 }

@@ -254,3 +254,79 @@ impl Coordinator for Service {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrotune_proto::v1::coordinator_client::CoordinatorClient;
+
+    #[tokio::test]
+    async fn calls_without_the_job_token_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let text = crate::config::tests::fixture(tmp.path());
+        let config = crate::config::parse(&text, tmp.path()).unwrap();
+        let (tx, mut rx) = mpsc::channel::<Inbound>(8);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(build(tx, &config, "secret".into()))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ),
+        );
+        // Stands in for the driver: counts what gets through and lets it continue.
+        let driver = tokio::spawn(async move {
+            let mut seen = 0;
+            while let Some(inbound) = rx.recv().await {
+                seen += 1;
+                let _ = inbound.reply.send(Reply::Heartbeat {
+                    proceed: true,
+                    reason: String::new(),
+                });
+            }
+            seen
+        });
+        let mut client = CoordinatorClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let beat = || pb::HeartbeatRequest {
+            rank: 0,
+            generation: 1,
+            step: 0,
+        };
+
+        let err = client.heartbeat(beat()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        let mut wrong = Request::new(beat());
+        wrong.metadata_mut().insert(
+            ferrotune_proto::TOKEN_METADATA_KEY,
+            "guess".parse().unwrap(),
+        );
+        assert_eq!(
+            client.heartbeat(wrong).await.unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+
+        let mut right = Request::new(beat());
+        right.metadata_mut().insert(
+            ferrotune_proto::TOKEN_METADATA_KEY,
+            "secret".parse().unwrap(),
+        );
+        let answer = client.heartbeat(right).await.unwrap().into_inner();
+        assert_eq!(answer.command, pb::Command::Continue as i32);
+
+        drop(client);
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+        assert_eq!(
+            driver.await.unwrap(),
+            1,
+            "only the call with the token may reach the job"
+        );
+    }
+}

@@ -9,15 +9,50 @@ fn each_invalid_config_gets_a_located_message() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let good = std::fs::read_to_string(tiny_example(tmp.path())).unwrap();
-    let line_of = |needle: &str| good.lines().position(|l| l.trim_start().starts_with(needle)).unwrap() + 1;
+    let line_of = |needle: &str| {
+        good.lines()
+            .position(|l| l.trim_start().starts_with(needle))
+            .unwrap()
+            + 1
+    };
     // A missing field is located at its section (serde-saphyr points inside the mapping).
     let data_section = line_of("data:")..line_of("training:");
     let cases = [
-        ("unknown field", good.replace("  micro_batch_size: 8", "  micro_batchsize: 8"), "training.micro_batchsize", line_of("micro_batch_size"), "did you mean `micro_batch_size`"),
-        ("wrong type", good.replace("  steps: 60", "  steps: sixty"), "training.steps", line_of("steps:"), "steps"),
-        ("missing field", good.replace("  seq_len: 128\n", ""), "data.seq_len", 0, "missing field `seq_len`"),
-        ("world_size 0", good.replace("  world_size: 2", "  world_size: 0"), "cluster.world_size", line_of("world_size"), "must be at least 1"),
-        ("missing model path", good.replace("  path: base ", "  path: no-such-model "), "model.path", line_of("path: base"), "does not exist"),
+        (
+            "unknown field",
+            good.replace("  micro_batch_size: 8", "  micro_batchsize: 8"),
+            "training.micro_batchsize",
+            line_of("micro_batch_size"),
+            "did you mean `micro_batch_size`",
+        ),
+        (
+            "wrong type",
+            good.replace("  steps: 60", "  steps: sixty"),
+            "training.steps",
+            line_of("steps:"),
+            "steps",
+        ),
+        (
+            "missing field",
+            good.replace("  seq_len: 128\n", ""),
+            "data.seq_len",
+            0,
+            "missing field `seq_len`",
+        ),
+        (
+            "world_size 0",
+            good.replace("  world_size: 2", "  world_size: 0"),
+            "cluster.world_size",
+            line_of("world_size"),
+            "must be at least 1",
+        ),
+        (
+            "missing model path",
+            good.replace("  path: base ", "  path: no-such-model "),
+            "model.path",
+            line_of("path: base"),
+            "does not exist",
+        ),
     ];
     for (what, text, field, line, detail) in cases {
         assert_ne!(text, good, "{what}: the fixture edit did not apply");
@@ -35,14 +70,32 @@ fn each_invalid_config_gets_a_located_message() {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("{what}: no {prefix}LINE:COLUMN in:\n{err}"));
         if line == 0 {
-            assert!(data_section.contains(&reported), "{what}: line {reported} is outside the data section");
+            assert!(
+                data_section.contains(&reported),
+                "{what}: line {reported} is outside the data section"
+            );
         } else {
             assert_eq!(reported, line, "{what}: wrong line in:\n{err}");
         }
-        assert!(err.contains(&format!("`{field}`")), "{what}: expected field {field} in:\n{err}");
-        assert!(err.contains(detail), "{what}: expected {detail:?} in:\n{err}");
-        assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{what}:\n{err}");
-        assert!(wait_no_tagged(&run.tag, Duration::from_secs(2)).is_empty(), "{what}: processes left behind");
-        assert!(!tmp.path().join("runs").exists(), "{what}: nothing may be written before validation passes");
+        assert!(
+            err.contains(&format!("`{field}`")),
+            "{what}: expected field {field} in:\n{err}"
+        );
+        assert!(
+            err.contains(detail),
+            "{what}: expected {detail:?} in:\n{err}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+            "{what}:\n{err}"
+        );
+        assert!(
+            wait_no_tagged(&run.tag, Duration::from_secs(2)).is_empty(),
+            "{what}: processes left behind"
+        );
+        assert!(
+            !tmp.path().join("runs").exists(),
+            "{what}: nothing may be written before validation passes"
+        );
     }
 }

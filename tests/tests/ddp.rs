@@ -36,12 +36,23 @@ checkpoint:
     )
 }
 
-fn train(dir: &Path, name: &str, world_size: u32, micro_batch: u32, seed: u64) -> BTreeMap<String, Vec<f32>> {
+fn train(
+    dir: &Path,
+    name: &str,
+    world_size: u32,
+    micro_batch: u32,
+    seed: u64,
+) -> BTreeMap<String, Vec<f32>> {
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, config(world_size, micro_batch, seed, name)).unwrap();
     let mut run = Launch::start(&path);
     let status = run.wait(Duration::from_secs(120));
-    assert!(status.success(), "{name} failed:\n{}\n{}", run.stdout_text(), run.stderr_text());
+    assert!(
+        status.success(),
+        "{name} failed:\n{}\n{}",
+        run.stdout_text(),
+        run.stderr_text()
+    );
     let root = dir.join(name);
     let latest = std::fs::read_to_string(root.join("latest")).unwrap();
     let bytes = std::fs::read(root.join(latest.trim()).join("model.safetensors")).unwrap();
@@ -50,7 +61,11 @@ fn train(dir: &Path, name: &str, world_size: u32, micro_batch: u32, seed: u64) -
         .into_iter()
         .map(|(name, view)| {
             assert_eq!(view.dtype(), safetensors::Dtype::F32);
-            let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
             (name, values)
         })
         .collect()
@@ -76,5 +91,8 @@ fn two_workers_equal_one_worker_with_twice_the_micro_batch() {
     // The comparison is sensitive: other samples (another seed) give clearly other weights.
     let other = train(tmp.path(), "other", 1, 4, 4);
     let moved = max_abs_diff(&single, &other);
-    assert!(moved > 1e-3, "a different data order changed parameters by only {moved}");
+    assert!(
+        moved > 1e-3,
+        "a different data order changed parameters by only {moved}"
+    );
 }

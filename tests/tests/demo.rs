@@ -6,8 +6,16 @@ use common::*;
 use std::time::Duration;
 
 fn number_after(text: &str, prefix: &str) -> f64 {
-    let line = text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{text}"));
-    line[prefix.len()..].split_whitespace().next().unwrap().parse().unwrap()
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{text}"));
+    line[prefix.len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -18,21 +26,33 @@ fn tiny_example_fine_tunes_and_writes_a_loadable_checkpoint() {
     let mut run = Launch::start(&config);
     let status = run.wait(Duration::from_secs(180));
     let (out, err) = (run.stdout_text(), run.stderr_text());
-    assert!(status.success(), "demo failed\nstdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        status.success(),
+        "demo failed\nstdout:\n{out}\nstderr:\n{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 
     let step_lines: Vec<&str> = out.lines().filter(|l| l.starts_with("step ")).collect();
-    assert!(step_lines.len() >= 10, "expected per-step loss lines, got:\n{out}");
+    assert!(
+        step_lines.len() >= 10,
+        "expected per-step loss lines, got:\n{out}"
+    );
     assert!(step_lines.last().unwrap().contains("60/60"));
     let before = number_after(&out, "held-out loss before fine-tuning: ");
     let after = number_after(&out, "held-out loss after fine-tuning: ");
-    assert!(after < 0.5 * before, "fine-tuning must clearly lower held-out loss: {before} -> {after}");
+    assert!(
+        after < 0.5 * before,
+        "fine-tuning must clearly lower held-out loss: {before} -> {after}"
+    );
 
     let root = tmp.path().join("runs/checkpoints");
     let latest = std::fs::read_to_string(root.join("latest")).unwrap();
     let ckpt = root.join(latest.trim());
     assert!(ckpt.join("manifest.json").is_file());
-    assert!(out.contains(&format!("final checkpoint: {}", ckpt.display())), "{out}");
+    assert!(
+        out.contains(&format!("final checkpoint: {}", ckpt.display())),
+        "{out}"
+    );
     // No staging directory survives a successful run.
     let leftovers: Vec<_> = std::fs::read_dir(&root)
         .unwrap()

@@ -36,8 +36,16 @@ checkpoint:
     let mut run = Launch::start(&path);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !run.stdout_text().contains("step ") {
-        assert!(Instant::now() < deadline, "training never started:\n{}", run.stderr_text());
-        assert!(run.child.try_wait().unwrap().is_none(), "coordinator exited early:\n{}", run.stderr_text());
+        assert!(
+            Instant::now() < deadline,
+            "training never started:\n{}",
+            run.stderr_text()
+        );
+        assert!(
+            run.child.try_wait().unwrap().is_none(),
+            "coordinator exited early:\n{}",
+            run.stderr_text()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let workers = tagged_processes(&run.tag);
@@ -53,8 +61,14 @@ checkpoint:
     let took = killed_at.elapsed();
     let err = run.stderr_text();
     assert!(!status.success());
-    assert!(took < Duration::from_secs(10), "coordinator took {took:?} to give up");
-    assert!(err.contains("rank 1 (worker local-1) was killed by signal 9"), "{err}");
+    assert!(
+        took < Duration::from_secs(10),
+        "coordinator took {took:?} to give up"
+    );
+    assert!(
+        err.contains("rank 1 (worker local-1) was killed by signal 9"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     let left = wait_no_tagged(&run.tag, Duration::from_secs(3));
     assert!(left.is_empty(), "processes left behind: {left:?}");

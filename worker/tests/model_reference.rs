@@ -33,8 +33,12 @@ fn rope_slow(x: &Tensor, theta: f64) -> Tensor {
             let (c, sn) = (angle.cos(), angle.sin());
             let a = x.narrow(1, pos, 1).narrow(2, i, 1);
             let b = x.narrow(1, pos, 1).narrow(2, i + half, 1);
-            out.narrow(1, pos, 1).narrow(2, i, 1).copy_(&(&a * c - &b * sn));
-            out.narrow(1, pos, 1).narrow(2, i + half, 1).copy_(&(&a * sn + &b * c));
+            out.narrow(1, pos, 1)
+                .narrow(2, i, 1)
+                .copy_(&(&a * c - &b * sn));
+            out.narrow(1, pos, 1)
+                .narrow(2, i + half, 1)
+                .copy_(&(&a * sn + &b * c));
         }
     }
     out
@@ -48,8 +52,16 @@ fn forward_slow(p: &HashMap<String, Tensor>, cfg: &LlamaConfig, ids: &[i64]) -> 
     let mask = Tensor::ones([s, s], (Kind::Float, Device::Cpu)).triu(1) * -1e9;
     for l in 0..cfg.num_hidden_layers {
         let pre = format!("model.layers.{l}");
-        let h = rms_norm_slow(&x, &w(&format!("{pre}.input_layernorm.weight")), cfg.rms_norm_eps);
-        let proj = |name: &str, n: i64| h.matmul(&w(&format!("{pre}.self_attn.{name}.weight")).tr()).view([s, n, hd]).transpose(0, 1);
+        let h = rms_norm_slow(
+            &x,
+            &w(&format!("{pre}.input_layernorm.weight")),
+            cfg.rms_norm_eps,
+        );
+        let proj = |name: &str, n: i64| {
+            h.matmul(&w(&format!("{pre}.self_attn.{name}.weight")).tr())
+                .view([s, n, hd])
+                .transpose(0, 1)
+        };
         let q = rope_slow(&proj("q_proj", nh), cfg.rope_theta); // (heads, seq, head_dim)
         let k = rope_slow(&proj("k_proj", nkv), cfg.rope_theta);
         let v = proj("v_proj", nkv);
@@ -59,16 +71,25 @@ fn forward_slow(p: &HashMap<String, Tensor>, cfg: &LlamaConfig, ids: &[i64]) -> 
             let scores = q.get(head).matmul(&k.get(kv).tr()) / (hd as f64).sqrt() + &mask;
             heads.push(scores.softmax(-1, Kind::Float).matmul(&v.get(kv)));
         }
-        let attn = Tensor::cat(&heads, 1).matmul(&w(&format!("{pre}.self_attn.o_proj.weight")).tr());
+        let attn =
+            Tensor::cat(&heads, 1).matmul(&w(&format!("{pre}.self_attn.o_proj.weight")).tr());
         x = x + attn;
-        let h = rms_norm_slow(&x, &w(&format!("{pre}.post_attention_layernorm.weight")), cfg.rms_norm_eps);
+        let h = rms_norm_slow(
+            &x,
+            &w(&format!("{pre}.post_attention_layernorm.weight")),
+            cfg.rms_norm_eps,
+        );
         let gate = h.matmul(&w(&format!("{pre}.mlp.gate_proj.weight")).tr());
         let up = h.matmul(&w(&format!("{pre}.mlp.up_proj.weight")).tr());
         let act = &gate * gate.sigmoid() * up;
         x = &x + act.matmul(&w(&format!("{pre}.mlp.down_proj.weight")).tr());
     }
     let x = rms_norm_slow(&x, &w("model.norm.weight"), cfg.rms_norm_eps);
-    let head = if cfg.tie_word_embeddings { w("model.embed_tokens.weight") } else { w("lm_head.weight") };
+    let head = if cfg.tie_word_embeddings {
+        w("model.embed_tokens.weight")
+    } else {
+        w("lm_head.weight")
+    };
     x.matmul(&head.tr())
 }
 
@@ -80,14 +101,21 @@ fn check(tie: bool) {
     let params: HashMap<String, Tensor> = model.named_parameters().into_iter().collect();
     assert_eq!(params.contains_key("lm_head.weight"), !tie);
     assert!(params.contains_key("model.layers.1.self_attn.k_proj.weight"));
-    assert_eq!(params["model.layers.0.self_attn.k_proj.weight"].size(), vec![2 * 4, 24]);
+    assert_eq!(
+        params["model.layers.0.self_attn.k_proj.weight"].size(),
+        vec![2 * 4, 24]
+    );
 
     let ids = [3i64, 17, 0, 36, 5, 5, 21, 9];
-    let fast = tch::no_grad(|| model.model.forward(&Tensor::from_slice(&ids).unsqueeze(0))).squeeze_dim(0);
+    let fast =
+        tch::no_grad(|| model.model.forward(&Tensor::from_slice(&ids).unsqueeze(0))).squeeze_dim(0);
     let slow = tch::no_grad(|| forward_slow(&params, &cfg, &ids));
     let diff = (&fast - &slow).abs().max().double_value(&[]);
     let scale = slow.abs().max().double_value(&[]);
-    assert!(diff <= 1e-5 * scale.max(1.0), "tie={tie}: max diff {diff} (scale {scale})");
+    assert!(
+        diff <= 1e-5 * scale.max(1.0),
+        "tie={tie}: max diff {diff} (scale {scale})"
+    );
 }
 
 #[test]
@@ -108,8 +136,12 @@ fn logits_do_not_depend_on_later_tokens() {
     let a = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6]).unsqueeze(0);
     let b = Tensor::from_slice(&[1i64, 2, 3, 30, 31, 32]).unsqueeze(0);
     let (la, lb) = tch::no_grad(|| (model.model.forward(&a), model.model.forward(&b)));
-    assert!(la.narrow(1, 0, 3).allclose(&lb.narrow(1, 0, 3), 1e-6, 1e-6, false));
-    assert!(!la.narrow(1, 3, 1).allclose(&lb.narrow(1, 3, 1), 1e-3, 1e-3, false));
+    assert!(la
+        .narrow(1, 0, 3)
+        .allclose(&lb.narrow(1, 0, 3), 1e-6, 1e-6, false));
+    assert!(!la
+        .narrow(1, 3, 1)
+        .allclose(&lb.narrow(1, 3, 1), 1e-3, 1e-3, false));
 }
 
 #[test]
@@ -118,7 +150,8 @@ fn saved_weights_load_back_identically() {
     write_config(dir.path(), false);
     tch::manual_seed(5);
     let a = LoadedModel::load(dir.path(), true, Device::Cpu).unwrap();
-    a.save_weights(&dir.path().join("model.safetensors")).unwrap();
+    a.save_weights(&dir.path().join("model.safetensors"))
+        .unwrap();
     let b = LoadedModel::load(dir.path(), false, Device::Cpu).unwrap();
     for ((na, ta), (nb, tb)) in a.named_parameters().iter().zip(b.named_parameters().iter()) {
         assert_eq!(na, nb);
@@ -134,9 +167,22 @@ fn unsupported_config_is_refused_by_name() {
         r#"{"model_type": "gpt2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}"#,
     )
     .unwrap();
-    let err = LoadedModel::load(dir.path(), true, Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains("`model_type`") && err.contains("gpt2"), "{err}");
-    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "llama", "vocab_size": 10}"#).unwrap();
-    let err = LoadedModel::load(dir.path(), true, Device::Cpu).err().unwrap().to_string();
+    let err = LoadedModel::load(dir.path(), true, Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("`model_type`") && err.contains("gpt2"),
+        "{err}"
+    );
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "llama", "vocab_size": 10}"#,
+    )
+    .unwrap();
+    let err = LoadedModel::load(dir.path(), true, Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("missing field `hidden_size`"), "{err}");
 }

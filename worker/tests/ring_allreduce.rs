@@ -7,23 +7,43 @@ use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 
 fn options(timeout: Duration, bucket_bytes: usize) -> RingOptions {
-    RingOptions { timeout, bucket_bytes, token: "test-token".into(), generation: 1 }
+    RingOptions {
+        timeout,
+        bucket_bytes,
+        token: "test-token".into(),
+        generation: 1,
+    }
 }
 
 fn listeners(n: usize) -> (Vec<TcpListener>, Vec<String>) {
-    let ls: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let addrs = ls.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let ls: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs = ls
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
     (ls, addrs)
 }
 
 /// Shapes with 1 element, sizes not divisible by 2 or 3, and one larger than a bucket.
 fn shapes() -> Vec<Vec<i64>> {
-    vec![vec![1], vec![7], vec![5, 3], vec![1001], vec![2], vec![64, 33]]
+    vec![
+        vec![1],
+        vec![7],
+        vec![5, 3],
+        vec![1001],
+        vec![2],
+        vec![64, 33],
+    ]
 }
 
 fn rank_tensors(rank: usize) -> Vec<Tensor> {
     tch::manual_seed(100 + rank as i64);
-    shapes().iter().map(|s| Tensor::randn(s.as_slice(), (Kind::Float, tch::Device::Cpu))).collect()
+    shapes()
+        .iter()
+        .map(|s| Tensor::randn(s.as_slice(), (Kind::Float, tch::Device::Cpu)))
+        .collect()
 }
 
 fn check_world(world: usize) {
@@ -44,7 +64,8 @@ fn check_world(world: usize) {
                     let mut ring = Ring::connect(l, rank, &addrs, &opts).unwrap();
                     ring.all_reduce(&mut ts, ReduceOp::Mean).unwrap();
                     let mut scalars = [rank as f64, 1.0];
-                    ring.all_reduce_scalars(&mut scalars, ReduceOp::Sum).unwrap();
+                    ring.all_reduce_scalars(&mut scalars, ReduceOp::Sum)
+                        .unwrap();
                     assert_eq!(scalars, [(0..world).sum::<usize>() as f64, world as f64]);
                     ts
                 })
@@ -53,14 +74,26 @@ fn check_world(world: usize) {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for (i, shape) in shapes().iter().enumerate() {
-        let stacked = Tensor::stack(&inputs.iter().map(|r| r[i].shallow_clone()).collect::<Vec<_>>(), 0);
+        let stacked = Tensor::stack(
+            &inputs
+                .iter()
+                .map(|r| r[i].shallow_clone())
+                .collect::<Vec<_>>(),
+            0,
+        );
         let expected = stacked.mean_dim(0, false, Kind::Float);
         for (rank, result) in results.iter().enumerate() {
             assert_eq!(result[i].size(), *shape);
             let diff = (&result[i] - &expected).abs().max().double_value(&[]);
-            assert!(diff <= 1e-6, "world {world}, tensor {i}, rank {rank}: max diff {diff}");
+            assert!(
+                diff <= 1e-6,
+                "world {world}, tensor {i}, rank {rank}: max diff {diff}"
+            );
             // Every rank ends with bitwise the same values.
-            assert!(result[i].equal(&results[0][i]), "rank {rank} differs from rank 0 on tensor {i}");
+            assert!(
+                result[i].equal(&results[0][i]),
+                "rank {rank} differs from rank 0 on tensor {i}"
+            );
         }
     }
 }
@@ -103,8 +136,15 @@ fn a_dead_peer_is_an_error_not_a_hang() {
         drop(ring);
         survivor.join().unwrap()
     });
-    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
-    assert!(matches!(err, CollectiveError::PeerLost { peer: 1, .. }), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(err, CollectiveError::PeerLost { peer: 1, .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -131,7 +171,10 @@ fn a_silent_peer_times_out() {
         err
     });
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(matches!(err, CollectiveError::Timeout { peer: 1, .. }), "{err}");
+    assert!(
+        matches!(err, CollectiveError::Timeout { peer: 1, .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -150,9 +193,14 @@ fn a_stranger_without_the_token_cannot_join() {
         fake[1] = l.local_addr().unwrap().to_string();
         Ring::connect(l, 1, &fake, &wrong)
     });
-    let err = Ring::connect(l0, 0, &addrs, &opts).err().expect("rank 0 must not accept the stranger");
+    let err = Ring::connect(l0, 0, &addrs, &opts)
+        .err()
+        .expect("rank 0 must not accept the stranger");
     assert!(
-        matches!(err, CollectiveError::NoIncoming { peer: 1, .. } | CollectiveError::Timeout { .. }),
+        matches!(
+            err,
+            CollectiveError::NoIncoming { peer: 1, .. } | CollectiveError::Timeout { .. }
+        ),
         "{err}"
     );
     let _ = stranger.join();

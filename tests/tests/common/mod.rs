@@ -14,7 +14,10 @@ pub fn serial() -> MutexGuard<'static, ()> {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// A binary of this workspace, built in the same profile as this test.
@@ -39,7 +42,9 @@ pub fn python() -> Option<PathBuf> {
             panic!("FERROTUNE_PYTHON is not set under CI=true: run the suite through `make test`")
         }
         None => {
-            eprintln!("skipping Python checks: FERROTUNE_PYTHON is not set (run through `make test`)");
+            eprintln!(
+                "skipping Python checks: FERROTUNE_PYTHON is not set (run through `make test`)"
+            );
             None
         }
     }
@@ -72,7 +77,11 @@ pub fn tiny_example(dir: &Path) -> PathBuf {
 pub fn small_random_model(dir: &Path) {
     let src = repo_root().join("examples/tiny");
     std::fs::create_dir_all(dir.join("base")).unwrap();
-    std::fs::copy(src.join("base/tokenizer.json"), dir.join("base/tokenizer.json")).unwrap();
+    std::fs::copy(
+        src.join("base/tokenizer.json"),
+        dir.join("base/tokenizer.json"),
+    )
+    .unwrap();
     let config = serde_json::json!({
         "model_type": "llama", "vocab_size": 259, "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -88,8 +97,12 @@ pub fn tagged_processes(tag: &str) -> Vec<(i32, String)> {
     let needle = format!("FERROTUNE_TEST_TAG={tag}");
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(env) = std::fs::read(entry.path().join("environ")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
         if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
             let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
@@ -115,11 +128,18 @@ pub fn wait_no_tagged(tag: &str, within: Duration) -> Vec<(i32, String)> {
 }
 
 pub fn unique_tag() -> String {
-    format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos() ^ rand_suffix())
+    format!(
+        "{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos() ^ rand_suffix()
+    )
 }
 
 fn rand_suffix() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 /// A running `coordinator launch`, its output collected line by line. Killed on drop.
@@ -155,7 +175,12 @@ impl Launch {
         };
         let stdout = collect(Box::new(child.stdout.take().unwrap()));
         let stderr = collect(Box::new(child.stderr.take().unwrap()));
-        Launch { child, tag, stdout, stderr }
+        Launch {
+            child,
+            tag,
+            stdout,
+            stderr,
+        }
     }
 
     /// Waits for exit; kills the coordinator and fails the test past `limit`.
@@ -170,7 +195,10 @@ impl Launch {
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                panic!("coordinator still running after {limit:?}; stderr:\n{}", self.stderr_text());
+                panic!(
+                    "coordinator still running after {limit:?}; stderr:\n{}",
+                    self.stderr_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -194,7 +222,12 @@ impl Drop for Launch {
 
 /// Runs a Python snippet with the test interpreter; returns its stdout.
 pub fn run_python(python: &Path, code: &str, args: &[&str]) -> String {
-    let out = Command::new(python).arg("-c").arg(code).args(args).output().unwrap();
+    let out = Command::new(python)
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "python failed:\n{}",

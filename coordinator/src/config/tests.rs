@@ -1,7 +1,7 @@
 use super::*;
 
 /// A valid config whose paths exist under `dir`.
-fn fixture(dir: &Path) -> String {
+pub(crate) fn fixture(dir: &Path) -> String {
     std::fs::create_dir_all(dir.join("base")).unwrap();
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         std::fs::write(dir.join("base").join(f), "{}").unwrap();
@@ -40,7 +40,10 @@ fn valid_config_resolves_paths_against_the_file() {
     assert_eq!(c.model_path, tmp.path().join("base"));
     assert_eq!(c.checkpoint_dir, tmp.path().join("out"));
     assert_eq!(c.grad_accum_steps, 1);
-    assert!((c.min_lr - 1.0e-4).abs() < 1e-15, "min_lr defaults to lr / 10");
+    assert!(
+        (c.min_lr - 1.0e-4).abs() < 1e-15,
+        "min_lr defaults to lr / 10"
+    );
     assert_eq!(c.bucket_bytes, 25 * 1024 * 1024);
 }
 
@@ -53,8 +56,19 @@ fn unknown_field_names_location_and_closest_valid_name() {
     let i = &issues[0];
     assert_eq!((i.line, i.column), (14, 3));
     assert_eq!(i.field, "training.micro_batch_sise");
-    assert!(i.message.contains("unknown field `micro_batch_sise`"), "{}", i.message);
-    assert!(i.hint.as_deref().unwrap().contains("did you mean `micro_batch_size`?"), "{:?}", i.hint);
+    assert!(
+        i.message.contains("unknown field `micro_batch_sise`"),
+        "{}",
+        i.message
+    );
+    assert!(
+        i.hint
+            .as_deref()
+            .unwrap()
+            .contains("did you mean `micro_batch_size`?"),
+        "{:?}",
+        i.hint
+    );
 }
 
 #[test]
@@ -83,12 +97,22 @@ fn semantic_errors_are_all_reported_with_locations() {
         .replace("  world_size: 2", "  world_size: 0")
         .replace("  path: base", "  path: nowhere");
     let issues = issues_for(&text, tmp.path());
-    let ws = issues.iter().find(|i| i.field == "cluster.world_size").expect("world_size issue");
+    let ws = issues
+        .iter()
+        .find(|i| i.field == "cluster.world_size")
+        .expect("world_size issue");
     assert_eq!((ws.line, ws.column), (6, 15));
     assert!(ws.message.contains("at least 1"));
-    let model = issues.iter().find(|i| i.field == "model.path").expect("model.path issue");
+    let model = issues
+        .iter()
+        .find(|i| i.field == "model.path")
+        .expect("model.path issue");
     assert_eq!(model.line, 8);
-    assert!(model.message.contains("does not exist"), "{}", model.message);
+    assert!(
+        model.message.contains("does not exist"),
+        "{}",
+        model.message
+    );
 }
 
 #[test]
@@ -97,7 +121,11 @@ fn pretrained_init_requires_weights() {
     let text = fixture(tmp.path());
     std::fs::remove_file(tmp.path().join("base/model.safetensors")).unwrap();
     let issues = issues_for(&text, tmp.path());
-    assert!(issues[0].message.contains("has no model.safetensors"), "{:?}", issues);
+    assert!(
+        issues[0].message.contains("has no model.safetensors"),
+        "{:?}",
+        issues
+    );
     let random = text.replace("  path: base\n", "  path: base\n  init: random\n");
     assert!(parse(&random, tmp.path()).is_ok());
 }
@@ -106,7 +134,11 @@ fn pretrained_init_requires_weights() {
 fn rendered_error_names_file_line_column_and_field() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("cluster.yaml");
-    std::fs::write(&path, fixture(tmp.path()).replace("  world_size: 2", "  world_size: 0")).unwrap();
+    std::fs::write(
+        &path,
+        fixture(tmp.path()).replace("  world_size: 2", "  world_size: 0"),
+    )
+    .unwrap();
     let rendered = load(&path).unwrap_err().to_string();
     assert!(
         rendered.starts_with(&format!("{}:6:15: `cluster.world_size`", path.display())),
@@ -118,7 +150,7 @@ fn rendered_error_names_file_line_column_and_field() {
 #[test]
 fn key_paths_follow_indentation() {
     let text = "a:\n  b:\n    c: 1\n  d: 2\ne: 3\n";
-    assert_eq!(key_path_at(text, 3), vec!["a", "b", "c"]);
-    assert_eq!(key_path_at(text, 4), vec!["a", "d"]);
-    assert_eq!(key_path_at(text, 5), vec!["e"]);
+    assert_eq!(issues::key_path_at(text, 3), vec!["a", "b", "c"]);
+    assert_eq!(issues::key_path_at(text, 4), vec!["a", "d"]);
+    assert_eq!(issues::key_path_at(text, 5), vec!["e"]);
 }
