@@ -88,11 +88,15 @@ fn two_workers_equal_one_worker_with_twice_the_micro_batch() {
     let diff = max_abs_diff(&ddp, &single);
     assert!(diff <= 1e-5, "2 × b and 1 × 2b differ by {diff}");
 
-    // The comparison is sensitive: other samples (another seed) give clearly other weights.
-    let other = train(tmp.path(), "other", 1, 4, 4);
+    // The comparison is sensitive: same seed and initial weights, but half the global batch
+    // (so other samples per step), ends clearly elsewhere.
+    let other = train(tmp.path(), "other", 1, 2, 3);
     let moved = max_abs_diff(&single, &other);
     assert!(
         moved > 1e-3,
         "a different data order changed parameters by only {moved}"
+    );
+    eprintln!(
+        "max |2 workers x b - 1 worker x 2b| = {diff:e}; half the batch moves weights by {moved:e}"
     );
 }
