@@ -127,19 +127,13 @@ pub fn wait_no_tagged(tag: &str, within: Duration) -> Vec<(i32, String)> {
     }
 }
 
+/// Distinct per call: the test's pid and the wall clock in nanoseconds.
 pub fn unique_tag() -> String {
-    format!(
-        "{}-{}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos() ^ rand_suffix()
-    )
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
+    let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_nanos()
+        .as_nanos();
+    format!("{}-{nanos}", std::process::id())
 }
 
 /// A running `coordinator launch`, its output collected line by line. Killed on drop.
