@@ -26,7 +26,7 @@ fn rms_norm_slow(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
 fn rope_slow(x: &Tensor, theta: f64) -> Tensor {
     let (_, s, d) = x.size3().unwrap();
     let half = d / 2;
-    let mut out = x.copy();
+    let out = x.copy();
     for pos in 0..s {
         for i in 0..half {
             let angle = pos as f64 * theta.powf(-2.0 * i as f64 / d as f64);
@@ -73,7 +73,7 @@ fn forward_slow(p: &HashMap<String, Tensor>, cfg: &LlamaConfig, ids: &[i64]) -> 
         }
         let attn =
             Tensor::cat(&heads, 1).matmul(&w(&format!("{pre}.self_attn.o_proj.weight")).tr());
-        x = x + attn;
+        x += attn;
         let h = rms_norm_slow(
             &x,
             &w(&format!("{pre}.post_attention_layernorm.weight")),
