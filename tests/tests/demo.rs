@@ -79,11 +79,19 @@ manifest = json.load(open(os.path.join(d, "manifest.json")))
 for f in manifest["files"]:
     data = open(os.path.join(d, f["path"]), "rb").read()
     assert len(data) == f["bytes"] and hashlib.sha256(data).hexdigest() == f["sha256"], f["path"]
-print(len(w), cfg["model_type"], len(manifest["files"]))
+print(len(w), cfg["model_type"], ",".join(sorted(f["path"] for f in manifest["files"])))
 "#,
         &[ckpt.to_str().unwrap()],
     );
     let fields: Vec<&str> = report.split_whitespace().collect();
     // 4 layers × 9 tensors + embed + norm + lm_head.
-    assert_eq!(fields, vec!["39", "llama", "7"], "python saw: {report}");
+    assert_eq!(
+        fields,
+        vec![
+            "39",
+            "llama",
+            "config.json,model.safetensors,tokenizer.json,tokenizer_config.json,training_state/optimizer.safetensors,training_state/trainer_state.json"
+        ],
+        "python saw: {report}"
+    );
 }
