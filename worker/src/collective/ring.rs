@@ -180,9 +180,8 @@ impl Ring {
             for s in 0..w - 1 {
                 let (a, b) = bounds((self.rank + w - s) % w);
                 let (c, d) = bounds((self.rank + 2 * w - s - 1) % w);
-                let send: Vec<T> = buf[a..b].to_vec();
                 self.exchange(
-                    bytemuck::cast_slice(&send),
+                    bytemuck::cast_slice(&buf[a..b]),
                     bytemuck::cast_slice_mut(&mut scratch[..d - c]),
                 )?;
                 for (x, y) in buf[c..d].iter_mut().zip(&scratch[..d - c]) {
@@ -193,9 +192,8 @@ impl Ring {
             for s in 0..w - 1 {
                 let (a, b) = bounds((self.rank + 1 + w - s) % w);
                 let (c, d) = bounds((self.rank + w - s) % w);
-                let send: Vec<T> = buf[a..b].to_vec();
                 self.exchange(
-                    bytemuck::cast_slice(&send),
+                    bytemuck::cast_slice(&buf[a..b]),
                     bytemuck::cast_slice_mut(&mut scratch[..d - c]),
                 )?;
                 buf[c..d].copy_from_slice(&scratch[..d - c]);
