@@ -7,35 +7,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-fn config(world_size: u32, micro_batch: u32, seed: u64, out: &str) -> String {
-    format!(
-        "job:
-  name: ddp-check
-  seed: {seed}
-cluster:
-  launcher: local
-  world_size: {world_size}
-  threads_per_worker: 1
-model:
-  path: base
-  init: random
-data:
-  train: data/train.jsonl
-  seq_len: 32
-training:
-  steps: 4
-  micro_batch_size: {micro_batch}
-  grad_accum_steps: 2
-  lr: 1.0e-2
-  warmup_steps: 1
-  weight_decay: 0.1
-  grad_clip: 1.0
-checkpoint:
-  dir: {out}
-"
-    )
-}
-
 fn train(
     dir: &Path,
     name: &str,
@@ -44,7 +15,11 @@ fn train(
     seed: u64,
 ) -> BTreeMap<String, Vec<f32>> {
     let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, config(world_size, micro_batch, seed, name)).unwrap();
+    std::fs::write(
+        &path,
+        random_model_job(world_size, micro_batch, seed, 4, 1.0e-2, name),
+    )
+    .unwrap();
     let mut run = Launch::start(&path);
     let status = run.wait(Duration::from_secs(120));
     assert!(

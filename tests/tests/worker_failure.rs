@@ -11,28 +11,7 @@ fn killing_a_worker_fails_the_job_naming_the_rank() {
     let tmp = tempfile::tempdir().unwrap();
     small_random_model(tmp.path());
     let path = tmp.path().join("long.yaml");
-    std::fs::write(
-        &path,
-        "job:
-  name: long
-cluster:
-  launcher: local
-  world_size: 2
-model:
-  path: base
-  init: random
-data:
-  train: data/train.jsonl
-  seq_len: 32
-training:
-  steps: 100000
-  micro_batch_size: 2
-  lr: 1.0e-3
-checkpoint:
-  dir: out
-",
-    )
-    .unwrap();
+    std::fs::write(&path, random_model_job(2, 2, 0, 100_000, 1.0e-3, "out")).unwrap();
     let mut run = Launch::start(&path);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !run.stdout_text().contains("step ") {

@@ -116,26 +116,35 @@ fn buckets_respect_the_size_limit_and_keep_order() {
     assert_eq!(plan_buckets(&[3, 3, 3], 6), vec![0..2, 2..3]);
 }
 
+/// Runs a two-rank ring: `rank0` on its own thread, `rank1` on this one. Returns rank 0's result.
+fn two_ranks<R: Send>(
+    opts: &RingOptions,
+    rank0: impl FnOnce(Ring) -> R + Send,
+    rank1: impl FnOnce(Ring),
+) -> R {
+    let (ls, addrs) = listeners(2);
+    let mut it = ls.into_iter();
+    let (l0, l1) = (it.next().unwrap(), it.next().unwrap());
+    std::thread::scope(|s| {
+        let first = s.spawn(|| rank0(Ring::connect(l0, 0, &addrs, opts).unwrap()));
+        rank1(Ring::connect(l1, 1, &addrs, opts).unwrap());
+        first.join().unwrap()
+    })
+}
+
 #[test]
 fn a_dead_peer_is_an_error_not_a_hang() {
     let opts = options(Duration::from_secs(3), 1 << 20);
-    let (ls, addrs) = listeners(2);
     let started = Instant::now();
-    let err = std::thread::scope(|s| {
-        let mut it = ls.into_iter();
-        let (l0, l1) = (it.next().unwrap(), it.next().unwrap());
-        let (a0, a1) = (addrs.clone(), addrs.clone());
-        let (o0, o1) = (opts.clone(), opts.clone());
-        let survivor = s.spawn(move || {
-            let mut ring = Ring::connect(l0, 0, &a0, &o0).unwrap();
+    let err = two_ranks(
+        &opts,
+        |mut ring| {
             let mut big = vec![Tensor::ones([1 << 16], (Kind::Float, tch::Device::Cpu))];
             ring.all_reduce(&mut big, ReduceOp::Sum).unwrap_err()
-        });
+        },
         // Rank 1 joins the ring and then dies (drops its sockets) without reducing.
-        let ring = Ring::connect(l1, 1, &a1, &o1).unwrap();
-        drop(ring);
-        survivor.join().unwrap()
-    });
+        drop,
+    );
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "took {:?}",
@@ -150,26 +159,21 @@ fn a_dead_peer_is_an_error_not_a_hang() {
 #[test]
 fn a_silent_peer_times_out() {
     let opts = options(Duration::from_millis(700), 1 << 20);
-    let (ls, addrs) = listeners(2);
     let started = Instant::now();
-    let err = std::thread::scope(|s| {
-        let mut it = ls.into_iter();
-        let (l0, l1) = (it.next().unwrap(), it.next().unwrap());
-        let (a0, a1) = (addrs.clone(), addrs.clone());
-        let (o0, o1) = (opts.clone(), opts.clone());
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let silent = s.spawn(move || {
-            // Connected but never reduces; keeps its sockets open until told to go.
-            let _ring = Ring::connect(l1, 1, &a1, &o1).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let err = two_ranks(
+        &opts,
+        move |mut ring| {
+            let mut t = vec![Tensor::ones([10], (Kind::Float, tch::Device::Cpu))];
+            let err = ring.all_reduce(&mut t, ReduceOp::Sum).unwrap_err();
+            tx.send(()).unwrap();
+            err
+        },
+        // Connected but never reduces; keeps its sockets open until rank 0 has given up.
+        |_ring| {
             let _ = rx.recv_timeout(Duration::from_secs(10));
-        });
-        let mut ring = Ring::connect(l0, 0, &a0, &o0).unwrap();
-        let mut t = vec![Tensor::ones([10], (Kind::Float, tch::Device::Cpu))];
-        let err = ring.all_reduce(&mut t, ReduceOp::Sum).unwrap_err();
-        tx.send(()).unwrap();
-        silent.join().unwrap();
-        err
-    });
+        },
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(
         matches!(err, CollectiveError::Timeout { peer: 1, .. }),

@@ -92,6 +92,43 @@ pub fn small_random_model(dir: &Path) {
     copy_dir(&src.join("data"), &dir.join("data"));
 }
 
+/// A job on [`small_random_model`]'s model and data, checkpointing into `out`.
+pub fn random_model_job(
+    world_size: u32,
+    micro_batch: u32,
+    seed: u64,
+    steps: u64,
+    lr: f64,
+    out: &str,
+) -> String {
+    format!(
+        "job:
+  name: random-model
+  seed: {seed}
+cluster:
+  launcher: local
+  world_size: {world_size}
+  threads_per_worker: 1
+model:
+  path: base
+  init: random
+data:
+  train: data/train.jsonl
+  seq_len: 32
+training:
+  steps: {steps}
+  micro_batch_size: {micro_batch}
+  grad_accum_steps: 2
+  lr: {lr:e}
+  warmup_steps: 1
+  weight_decay: 0.1
+  grad_clip: 1.0
+checkpoint:
+  dir: {out}
+"
+    )
+}
+
 /// Every process of this machine whose environment carries `FERROTUNE_TEST_TAG=tag`.
 pub fn tagged_processes(tag: &str) -> Vec<(i32, String)> {
     let needle = format!("FERROTUNE_TEST_TAG={tag}");
