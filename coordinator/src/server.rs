@@ -65,6 +65,7 @@ fn training_spec(c: &JobConfig) -> pb::TrainingSpec {
         model: Some(pb::ModelSpec {
             path: path(&c.model_path),
             random_init: c.model_init == ModelInit::Random,
+            activation_checkpointing: c.activation_checkpointing,
         }),
         data: Some(pb::DataSpec {
             train_path: path(&c.train_path),
@@ -88,6 +89,8 @@ fn training_spec(c: &JobConfig) -> pb::TrainingSpec {
         checkpoint: Some(pb::CheckpointSpec {
             dir: path(&c.checkpoint_dir),
             every_steps: c.checkpoint_every_steps,
+            dtype: c.checkpoint_dtype.clone().unwrap_or_default(),
+            max_shard_bytes: c.checkpoint_max_shard_bytes,
         }),
         // 0 lets each worker divide its own host's cores among the workers there.
         intra_op_threads: c.threads_per_worker.unwrap_or(0),

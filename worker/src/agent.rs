@@ -1,6 +1,7 @@
 //! The worker's side of the gRPC API: register, heartbeats, reports. The generated `pb` types
 //! stay in this module; the training loop sees [`Reporter`] and domain types only.
 
+use crate::model::DType;
 use crate::spec::{Placement, TrainSpec};
 use crate::train::{Reporter, StepStats};
 use ferrotune_proto::v1 as pb;
@@ -179,6 +180,15 @@ fn spec_from_pb(s: pb::TrainingSpec) -> Result<TrainSpec, AgentError> {
         grad_accum_steps: optim.grad_accum_steps as usize,
         checkpoint_dir: PathBuf::from(checkpoint.dir),
         checkpoint_every_steps: checkpoint.every_steps,
+        checkpoint_dtype: match checkpoint.dtype.as_str() {
+            "" => None,
+            name => Some(
+                DType::from_hf_name(name)
+                    .ok_or(AgentError::Protocol("spec: unknown checkpoint dtype"))?,
+            ),
+        },
+        checkpoint_max_shard_bytes: checkpoint.max_shard_bytes.max(1),
+        activation_checkpointing: model.activation_checkpointing,
         intra_op_threads: s.intra_op_threads as usize,
         collective_timeout: Duration::from_millis(s.collective_timeout_ms.max(1)),
         heartbeat_interval: Duration::from_millis(s.heartbeat_interval_ms.max(10)),

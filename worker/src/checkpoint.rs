@@ -2,24 +2,15 @@
 //! The coordinator commits it (manifest, rename); nothing here ever writes a final name.
 //!
 //! Layout (Hugging Face first, so `from_pretrained(dir)` works on it directly):
-//!   config.json, model.safetensors, tokenizer files     the fine-tuned model
+//!   config.json, model*.safetensors (+ index), tokenizer files   the fine-tuned model
 //!   training_state/optimizer.safetensors                AdamW exp_avg / exp_avg_sq per parameter
 //!   training_state/trainer_state.json                   step, data cursor, schedule, seed
 
-use crate::model::io::LoadedModel;
+use crate::model::io::{LoadedModel, SaveOptions};
 use crate::optim::AdamW;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
-
-/// Files copied through from the base model directory when present.
-const PASSTHROUGH: &[&str] = &[
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-];
 
 #[derive(Debug, Serialize)]
 pub struct TrainerState {
@@ -72,6 +63,7 @@ pub fn write_staging(
     rank: usize,
     model: &LoadedModel,
     model_src: &Path,
+    save: &SaveOptions,
     optimizer: &AdamW,
     state: &TrainerState,
 ) -> Result<PathBuf, CheckpointError> {
@@ -87,18 +79,11 @@ pub fn write_staging(
     let training_state = staging.join("training_state");
     std::fs::create_dir_all(&training_state).map_err(io("create", &training_state))?;
 
-    let weights = staging.join("model.safetensors");
-    model
-        .save_weights(&weights)
+    let written = model
+        .save_pretrained(&staging, model_src, save)
         .map_err(|e| CheckpointError::Tensor(e.to_string()))?;
-    sync_file(&weights)?;
-    for name in PASSTHROUGH {
-        let src = model_src.join(name);
-        if src.is_file() {
-            let dst = staging.join(name);
-            std::fs::copy(&src, &dst).map_err(io("copy", &src))?;
-            sync_file(&dst)?;
-        }
+    for file in &written {
+        sync_file(file)?;
     }
 
     let opt_path = training_state.join("optimizer.safetensors");

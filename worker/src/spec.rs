@@ -1,5 +1,6 @@
 //! What a worker is told to do, as validated domain types (the agent converts from protobuf).
 
+use crate::model::DType;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -37,6 +38,11 @@ pub struct TrainSpec {
     pub grad_accum_steps: usize,
     pub checkpoint_dir: PathBuf,
     pub checkpoint_every_steps: u64,
+    /// On-disk dtype of checkpoints; None keeps the base model's (float32 if it names none).
+    pub checkpoint_dtype: Option<DType>,
+    pub checkpoint_max_shard_bytes: u64,
+    /// Recompute decoder layers in backward rather than storing their activations.
+    pub activation_checkpointing: bool,
     /// 0: divide this host's cores among its workers.
     pub intra_op_threads: usize,
     pub collective_timeout: Duration,

@@ -8,8 +8,8 @@ use crate::checkpoint::{self, TrainerState};
 use crate::collective::{Collective, CollectiveError, ReduceOp};
 use crate::data::text::{read_jsonl_texts, Tokenizer};
 use crate::data::{DataError, Sampler, TokenWindows};
-use crate::model::io::LoadedModel;
-use crate::model::ModelError;
+use crate::model::io::{LoadedModel, SaveOptions};
+use crate::model::{DType, ModelError};
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::spec::{Placement, TrainSpec};
 use std::path::{Path, PathBuf};
@@ -236,9 +236,16 @@ pub fn run(
 
         let mut local_loss_sum = 0.0;
         for (x, y) in &batches {
-            let (loss_sum, _) = model.model.loss_sum(x, y);
-            local_loss_sum += loss_sum.double_value(&[]);
-            (loss_sum / global_tokens).backward();
+            if spec.activation_checkpointing {
+                local_loss_sum +=
+                    model
+                        .model
+                        .loss_sum_backward_checkpointed(x, y, 1.0 / global_tokens);
+            } else {
+                let (loss_sum, _) = model.model.loss_sum(x, y);
+                local_loss_sum += loss_sum.double_value(&[]);
+                (loss_sum / global_tokens).backward();
+            }
         }
         let mut grads = optimizer.gradients();
         collective.all_reduce(&mut grads, ReduceOp::Sum)?;
@@ -336,11 +343,19 @@ fn save(
         warmup_steps: spec.warmup_steps,
         total_steps: spec.total_steps,
     };
+    let options = SaveOptions {
+        dtype: spec
+            .checkpoint_dtype
+            .or(model.config.dtype)
+            .unwrap_or(DType::F32),
+        max_shard_bytes: spec.checkpoint_max_shard_bytes,
+    };
     let staging = checkpoint::write_staging(
         &spec.checkpoint_dir,
         placement.rank,
         model,
         &spec.model_path,
+        &options,
         optimizer,
         &state,
     )

@@ -1,12 +1,13 @@
 //! The Llama forward pass against a slow, obvious re-implementation written from the math,
 //! reading parameters by their Hugging Face names.
 
-use ferrotune_worker::model::io::LoadedModel;
-use ferrotune_worker::model::LlamaConfig;
+use ferrotune_worker::model::io::{weight_files, LoadedModel, SaveOptions};
+use ferrotune_worker::model::DType;
+use ferrotune_worker::model::ModelConfig;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
-fn write_config(dir: &std::path::Path, tie: bool) -> LlamaConfig {
+fn write_config(dir: &std::path::Path, tie: bool) -> ModelConfig {
     let json = serde_json::json!({
         "model_type": "llama", "vocab_size": 37, "hidden_size": 24, "intermediate_size": 40,
         "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
@@ -14,7 +15,7 @@ fn write_config(dir: &std::path::Path, tie: bool) -> LlamaConfig {
         "initializer_range": 0.2
     });
     std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
-    LlamaConfig::from_file(&dir.join("config.json")).unwrap()
+    ModelConfig::from_file(&dir.join("config.json")).unwrap()
 }
 
 fn rms_norm_slow(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
@@ -44,7 +45,7 @@ fn rope_slow(x: &Tensor, theta: f64) -> Tensor {
     out
 }
 
-fn forward_slow(p: &HashMap<String, Tensor>, cfg: &LlamaConfig, ids: &[i64]) -> Tensor {
+fn forward_slow(p: &HashMap<String, Tensor>, cfg: &ModelConfig, ids: &[i64]) -> Tensor {
     let s = ids.len() as i64;
     let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.n_kv_heads(), cfg.head_dim());
     let w = |n: &str| p[n].shallow_clone();
@@ -150,12 +151,34 @@ fn saved_weights_load_back_identically() {
     write_config(dir.path(), false);
     tch::manual_seed(5);
     let a = LoadedModel::load(dir.path(), true, Device::Cpu).unwrap();
-    a.save_weights(&dir.path().join("model.safetensors"))
-        .unwrap();
-    let b = LoadedModel::load(dir.path(), false, Device::Cpu).unwrap();
-    for ((na, ta), (nb, tb)) in a.named_parameters().iter().zip(b.named_parameters().iter()) {
-        assert_eq!(na, nb);
-        assert!(ta.equal(tb), "{na} differs after a save/load round trip");
+    // One file, shards of ~1 KB (several tensors each, the embedding alone), and bfloat16.
+    for (dtype, max_shard_bytes, sharded) in [
+        (DType::F32, 5_000_000_000, false),
+        (DType::F32, 1024, true),
+        (DType::Bf16, 2048, true),
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let options = SaveOptions {
+            dtype,
+            max_shard_bytes,
+        };
+        a.save_pretrained(out.path(), dir.path(), &options).unwrap();
+        let shards = weight_files(out.path()).unwrap();
+        assert_eq!(
+            shards.len() > 1,
+            sharded,
+            "{dtype:?} at {max_shard_bytes} bytes"
+        );
+        let b = LoadedModel::load(out.path(), false, Device::Cpu).unwrap();
+        assert_eq!(b.config.dtype, Some(dtype));
+        for ((na, ta), (nb, tb)) in a.named_parameters().iter().zip(b.named_parameters().iter()) {
+            assert_eq!(na, nb);
+            let expected = ta.to_kind(dtype.kind()).to_kind(Kind::Float);
+            assert!(
+                tb.equal(&expected),
+                "{na} differs after a {dtype:?} round trip"
+            );
+        }
     }
 }
 
@@ -184,5 +207,8 @@ fn unsupported_config_is_refused_by_name() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("missing field `hidden_size`"), "{err}");
+    assert!(
+        err.contains("`hidden_size`") && err.contains("missing"),
+        "{err}"
+    );
 }

@@ -70,6 +70,8 @@ struct ModelSection {
     path: Spanned<String>,
     #[serde(default = "defaults::init")]
     init: ModelInit,
+    #[serde(default)]
+    activation_checkpointing: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +117,10 @@ struct CheckpointSection {
     every_steps: u64,
     #[serde(default = "defaults::keep")]
     keep: Spanned<u32>,
+    #[serde(default)]
+    dtype: Option<Spanned<String>>,
+    #[serde(default)]
+    max_shard_size: Option<Spanned<String>>,
 }
 
 mod defaults {
@@ -200,6 +206,10 @@ pub struct JobConfig {
     pub checkpoint_dir: PathBuf,
     pub checkpoint_every_steps: u64,
     pub checkpoint_keep: u32,
+    /// Canonical Hugging Face dtype name; None keeps the base model's.
+    pub checkpoint_dtype: Option<String>,
+    pub checkpoint_max_shard_bytes: u64,
+    pub activation_checkpointing: bool,
 }
 
 /// Reads and validates a cluster.yaml. Relative paths in it are relative to the file's directory.
@@ -446,6 +456,39 @@ impl Checks<'_> {
             );
         }
 
+        let checkpoint_dtype = f.checkpoint.dtype.as_ref().and_then(|d| {
+            let canonical = match d.value.as_str() {
+                "float32" | "fp32" => Some("float32"),
+                "bfloat16" | "bf16" => Some("bfloat16"),
+                "float16" | "fp16" => Some("float16"),
+                _ => None,
+            };
+            if canonical.is_none() {
+                self.push(
+                    d,
+                    "checkpoint.dtype",
+                    format!("unknown dtype `{}`", d.value),
+                    "use float32, bfloat16 or float16 (or leave it out to keep the base model's)",
+                );
+            }
+            canonical.map(String::from)
+        });
+        let checkpoint_max_shard_bytes = match &f.checkpoint.max_shard_size {
+            None => 5_000_000_000,
+            Some(s) => match parse_size(&s.value) {
+                Some(bytes) if bytes > 0 => bytes,
+                _ => {
+                    self.push(
+                        s,
+                        "checkpoint.max_shard_size",
+                        format!("cannot read `{}` as a size", s.value),
+                        "write it like transformers does: 5GB, 500MB, 2GiB, or a byte count",
+                    );
+                    1
+                }
+            },
+        };
+
         JobConfig {
             source: PathBuf::new(),
             name: f.job.name,
@@ -479,8 +522,33 @@ impl Checks<'_> {
             checkpoint_dir,
             checkpoint_every_steps: f.checkpoint.every_steps,
             checkpoint_keep,
+            checkpoint_dtype,
+            checkpoint_max_shard_bytes,
+            activation_checkpointing: f.model.activation_checkpointing,
         }
     }
+}
+
+/// A size as transformers writes `max_shard_size`: "5GB" (decimal), "2GiB" (binary), "500MB",
+/// "100KB" or a plain byte count.
+fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let scale = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some((number * scale) as u64)
 }
 
 mod issues;

@@ -2,7 +2,8 @@
 //! libtorch's scaled_dot_product_attention, SwiGLU MLP. Parameter names are the Hugging Face
 //! keys (`model.layers.0.self_attn.q_proj.weight`), so loading a checkpoint is a name lookup.
 
-use super::LlamaConfig;
+use super::config::ModelConfig;
+use super::rope;
 use tch::nn::{self, Module};
 use tch::{Kind, Reduction, Tensor};
 
@@ -33,31 +34,58 @@ impl RmsNorm {
     }
 }
 
-fn linear(vs: nn::Path, in_dim: i64, out_dim: i64, std: f64) -> nn::Linear {
+fn linear(vs: nn::Path, in_dim: i64, out_dim: i64, std: f64, bias: bool) -> nn::Linear {
     let config = nn::LinearConfig {
         ws_init: nn::Init::Randn {
             mean: 0.0,
             stdev: std,
         },
-        bs_init: None,
-        bias: false,
+        // transformers initialises biases to zero.
+        bs_init: bias.then_some(nn::Init::Const(0.0)),
+        bias,
     };
     nn::linear(vs, in_dim, out_dim, config)
 }
 
-/// Rotary embedding tables for given positions: cos and sin of shape (batch, 1, seq, head_dim).
-fn rope_tables(positions: &Tensor, inv_freq: &Tensor) -> (Tensor, Tensor) {
-    // (batch, seq, 1) * (head_dim/2) -> (batch, seq, head_dim/2)
-    let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
-    let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
-    (emb.cos(), emb.sin())
+/// Keys and values of the tokens seen so far, per layer, for incremental decoding.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: i64,
 }
 
-fn rotate_half(x: &Tensor) -> Tensor {
-    let half = x.size()[x.dim() - 1] / 2;
-    let x1 = x.narrow(-1, 0, half);
-    let x2 = x.narrow(-1, half, half);
-    Tensor::cat(&[&x2.neg(), &x1], -1)
+impl KvCache {
+    /// Number of positions already cached: the next token's position.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The attention pattern of `q_len` queries that are the last positions of `k_len` keys:
+/// causal, and within `window` tokens when a sliding window applies. None means plain causal
+/// attention (q_len == k_len) or no restriction at all (one query that sees every key).
+fn attention_mask(
+    q_len: i64,
+    k_len: i64,
+    window: Option<i64>,
+    device: tch::Device,
+) -> Option<Tensor> {
+    let cut = window.is_some_and(|w| w < k_len);
+    if !cut && (q_len == k_len || q_len == 1) {
+        return None;
+    }
+    let q_pos = Tensor::arange_start(k_len - q_len, k_len, (Kind::Int64, device)).unsqueeze(1);
+    let k_pos = Tensor::arange(k_len, (Kind::Int64, device)).unsqueeze(0);
+    let mut allowed = k_pos.le_tensor(&q_pos);
+    if let Some(w) = window {
+        // transformers: kv_idx > q_idx - sliding_window.
+        allowed = allowed.logical_and(&k_pos.gt_tensor(&(&q_pos - w)));
+    }
+    Some(allowed)
 }
 
 #[derive(Debug)]
@@ -69,39 +97,55 @@ struct Attention {
     n_heads: i64,
     n_kv_heads: i64,
     head_dim: i64,
+    sliding_window: Option<i64>,
 }
 
 impl Attention {
-    fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+    fn new(vs: nn::Path, cfg: &ModelConfig) -> Self {
         let (h, hd, std) = (cfg.hidden_size, cfg.head_dim(), cfg.initializer_range);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
         Attention {
-            q_proj: linear(&vs / "q_proj", h, nh * hd, std),
-            k_proj: linear(&vs / "k_proj", h, nkv * hd, std),
-            v_proj: linear(&vs / "v_proj", h, nkv * hd, std),
-            o_proj: linear(&vs / "o_proj", nh * hd, h, std),
+            q_proj: linear(&vs / "q_proj", h, nh * hd, std, cfg.qkv_bias),
+            k_proj: linear(&vs / "k_proj", h, nkv * hd, std, cfg.qkv_bias),
+            v_proj: linear(&vs / "v_proj", h, nkv * hd, std, cfg.qkv_bias),
+            o_proj: linear(&vs / "o_proj", nh * hd, h, std, cfg.o_bias),
             n_heads: nh,
             n_kv_heads: nkv,
             head_dim: hd,
+            sliding_window: cfg.sliding_window,
         }
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
         let (b, s, _) = x.size3().expect("activations are (batch, seq, hidden)");
         let heads = |t: Tensor, n: i64| t.view([b, s, n, self.head_dim]).transpose(1, 2);
         // (batch, n_heads, seq, head_dim)
-        let q = heads(self.q_proj.forward(x), self.n_heads);
-        let k = heads(self.k_proj.forward(x), self.n_kv_heads);
-        let v = heads(self.v_proj.forward(x), self.n_kv_heads);
-        let q = &q * cos + rotate_half(&q) * sin;
-        let k = &k * cos + rotate_half(&k) * sin;
+        let q = rope::apply(&heads(self.q_proj.forward(x), self.n_heads), cos, sin);
+        let mut k = rope::apply(&heads(self.k_proj.forward(x), self.n_kv_heads), cos, sin);
+        let mut v = heads(self.v_proj.forward(x), self.n_kv_heads);
+        if let Some(slot) = cache {
+            if let Some((past_k, past_v)) = slot.take() {
+                k = Tensor::cat(&[&past_k, &k], 2);
+                v = Tensor::cat(&[&past_v, &v], 2);
+            }
+            *slot = Some((k.shallow_clone(), v.shallow_clone()));
+        }
+        let k_len = k.size()[2];
+        let mask = attention_mask(s, k_len, self.sliding_window, x.device());
+        let causal = mask.is_none() && s == k_len && s > 1;
         let y = Tensor::scaled_dot_product_attention(
             &q,
             &k,
             &v,
-            None::<Tensor>,
+            mask,
             0.0,
-            true,
+            causal,
             None,
             self.n_kv_heads != self.n_heads,
         );
@@ -121,16 +165,16 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+    fn new(vs: nn::Path, cfg: &ModelConfig) -> Self {
         let (h, i, std) = (
             cfg.hidden_size,
             cfg.intermediate_size,
             cfg.initializer_range,
         );
         Mlp {
-            gate_proj: linear(&vs / "gate_proj", h, i, std),
-            up_proj: linear(&vs / "up_proj", h, i, std),
-            down_proj: linear(&vs / "down_proj", i, h, std),
+            gate_proj: linear(&vs / "gate_proj", h, i, std, cfg.mlp_bias),
+            up_proj: linear(&vs / "up_proj", h, i, std, cfg.mlp_bias),
+            down_proj: linear(&vs / "down_proj", i, h, std, cfg.mlp_bias),
         }
     }
 
@@ -149,7 +193,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(vs: nn::Path, cfg: &LlamaConfig) -> Self {
+    fn new(vs: nn::Path, cfg: &ModelConfig) -> Self {
         DecoderLayer {
             input_layernorm: RmsNorm::new(
                 &vs / "input_layernorm",
@@ -166,10 +210,16 @@ impl DecoderLayer {
         }
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
         let x = x + self
             .self_attn
-            .forward(&self.input_layernorm.forward(x), cos, sin);
+            .forward(&self.input_layernorm.forward(x), cos, sin, cache);
         &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
     }
 }
@@ -187,7 +237,7 @@ pub struct Llama {
 
 impl Llama {
     /// Creates the parameters under `vs` (randomly initialised; load weights afterwards).
-    pub fn new(vs: &nn::Path, cfg: &LlamaConfig) -> Self {
+    pub fn new(vs: &nn::Path, cfg: &ModelConfig) -> Self {
         let model = vs / "model";
         let embed_tokens = nn::embedding(
             &model / "embed_tokens",
@@ -211,54 +261,65 @@ impl Llama {
                 cfg.hidden_size,
                 cfg.vocab_size,
                 cfg.initializer_range,
+                false,
             )
         });
-        let hd = cfg.head_dim();
-        let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, vs.device()))
-            .to_kind(Kind::Float)
-            / hd as f64;
-        // 1 / theta^(2i/d), computed in fp32 as transformers does.
-        let inv_freq = Tensor::pow_scalar(cfg.rope_theta, &exponents).reciprocal();
         Llama {
             embed_tokens,
             layers,
             norm,
             lm_head,
-            inv_freq,
+            inv_freq: rope::inv_freq(cfg, vs.device()),
             vocab_size: cfg.vocab_size,
         }
     }
 
-    /// Logits (batch, seq, vocab) for token ids (batch, seq) at positions 0..seq.
-    pub fn forward(&self, input_ids: &Tensor) -> Tensor {
+    fn positions(input_ids: &Tensor, start: i64) -> Tensor {
         let (b, s) = input_ids.size2().expect("input_ids are (batch, seq)");
-        let positions = Tensor::arange(s, (Kind::Int64, input_ids.device()))
+        Tensor::arange_start(start, start + s, (Kind::Int64, input_ids.device()))
             .unsqueeze(0)
-            .expand([b, s], false);
-        self.forward_at(input_ids, &positions)
+            .expand([b, s], false)
     }
 
-    /// Logits for token ids at explicit positions (batch, seq).
-    pub fn forward_at(&self, input_ids: &Tensor, positions: &Tensor) -> Tensor {
-        let (cos, sin) = rope_tables(positions, &self.inv_freq);
-        let mut x = self.embed_tokens.forward(input_ids);
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin);
-        }
-        let x = self.norm.forward(&x);
+    fn head(&self, x: &Tensor) -> Tensor {
+        let x = self.norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(&x),
             None => x.matmul(&self.embed_tokens.ws.tr()),
         }
     }
 
-    /// Summed cross-entropy over labelled positions and the number of those positions.
-    /// Labels equal to [`IGNORE_INDEX`] contribute nothing. Summing (not averaging) lets the
-    /// training loop divide by the token count of the whole global batch, so data parallel
-    /// training gives exactly the gradient of one large batch.
-    pub fn loss_sum(&self, input_ids: &Tensor, labels: &Tensor) -> (Tensor, i64) {
-        let logits = self.forward(input_ids);
-        let loss = logits
+    /// Logits (batch, seq, vocab) for token ids (batch, seq) at positions 0..seq.
+    pub fn forward(&self, input_ids: &Tensor) -> Tensor {
+        self.forward_at(input_ids, &Self::positions(input_ids, 0))
+    }
+
+    /// Logits for token ids at explicit positions (batch, seq).
+    pub fn forward_at(&self, input_ids: &Tensor, positions: &Tensor) -> Tensor {
+        let (cos, sin) = rope::tables(positions, &self.inv_freq);
+        let mut x = self.embed_tokens.forward(input_ids);
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, None);
+        }
+        self.head(&x)
+    }
+
+    /// Logits for tokens that follow the ones already in `cache`, which they are appended to.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Tensor {
+        if cache.layers.is_empty() {
+            cache.layers = (0..self.layers.len()).map(|_| None).collect();
+        }
+        let (cos, sin) = rope::tables(&Self::positions(input_ids, cache.len), &self.inv_freq);
+        let mut x = self.embed_tokens.forward(input_ids);
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &cos, &sin, Some(slot));
+        }
+        cache.len += input_ids.size()[1];
+        self.head(&x)
+    }
+
+    fn loss_of(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
+        logits
             .view([-1, self.vocab_size])
             .to_kind(Kind::Float)
             .cross_entropy_loss::<Tensor>(
@@ -267,8 +328,56 @@ impl Llama {
                 Reduction::Sum,
                 IGNORE_INDEX,
                 0.0,
-            );
+            )
+    }
+
+    /// Summed cross-entropy over labelled positions and the number of those positions.
+    /// Labels equal to [`IGNORE_INDEX`] contribute nothing. Summing (not averaging) lets the
+    /// training loop divide by the token count of the whole global batch, so data parallel
+    /// training gives exactly the gradient of one large batch.
+    pub fn loss_sum(&self, input_ids: &Tensor, labels: &Tensor) -> (Tensor, i64) {
+        let loss = self.loss_of(&self.forward(input_ids), labels);
         let count = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);
         (loss, count)
+    }
+
+    /// Accumulates the gradient of `scale * loss_sum` into the parameters and returns the
+    /// (unscaled) loss sum, keeping only each decoder layer's input alive between the forward
+    /// and the backward pass: the layer is recomputed during backward (activation
+    /// checkpointing). Each segment's backward is seeded with the gradient flowing into its
+    /// output, which is what the recorded graph would have propagated, so the gradients are
+    /// those of [`Llama::loss_sum`] up to floating-point reassociation.
+    pub fn loss_sum_backward_checkpointed(
+        &self,
+        input_ids: &Tensor,
+        labels: &Tensor,
+        scale: f64,
+    ) -> f64 {
+        let (cos, sin) = rope::tables(&Self::positions(input_ids, 0), &self.inv_freq);
+        let mut layer_inputs = Vec::with_capacity(self.layers.len());
+        let hidden = tch::no_grad(|| {
+            let mut x = self.embed_tokens.forward(input_ids);
+            for layer in &self.layers {
+                let next = layer.forward(&x, &cos, &sin, None);
+                layer_inputs.push(x);
+                x = next;
+            }
+            x
+        });
+        let hidden = hidden.set_requires_grad(true);
+        let loss = self.loss_of(&self.head(&hidden), labels);
+        let loss_value = loss.double_value(&[]);
+        (loss * scale).backward();
+        let mut upstream = hidden.grad();
+        for (layer, input) in self.layers.iter().zip(layer_inputs).rev() {
+            let input = input.set_requires_grad(true);
+            let out = layer.forward(&input, &cos, &sin, None);
+            (out * &upstream).sum(Kind::Float).backward();
+            upstream = input.grad();
+        }
+        (self.embed_tokens.forward(input_ids) * &upstream)
+            .sum(Kind::Float)
+            .backward();
+        loss_value
     }
 }

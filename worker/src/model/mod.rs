@@ -1,12 +1,15 @@
-//! The Llama-family decoder, written for one device. It knows nothing about gRPC, collectives
-//! or files beyond loading and saving its own weights.
+//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2), written for one device. It knows
+//! nothing about gRPC, collectives or training; `io` loads and saves Hugging Face checkpoints.
 
 pub mod config;
+pub mod dtype;
 pub mod io;
 pub mod llama;
+pub mod rope;
 
-pub use config::LlamaConfig;
-pub use llama::Llama;
+pub use config::ModelConfig;
+pub use dtype::DType;
+pub use llama::{KvCache, Llama};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -15,17 +18,24 @@ pub enum ModelError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path}: invalid config.json: {source}")]
-    ConfigJson {
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
         path: String,
         source: serde_json::Error,
     },
     #[error("{path}: `{field}`: {message}")]
-    Unsupported {
+    Config {
         path: String,
-        field: &'static str,
+        field: String,
         message: String,
     },
-    #[error("{path}: {source}")]
-    Weights { path: String, source: tch::TchError },
+    /// A problem with the weight files: a missing shard or tensor, a wrong shape, a truncated
+    /// or corrupt file.
+    #[error("{path}: {message}")]
+    Weights { path: String, message: String },
 }
