@@ -21,7 +21,7 @@ $(LIBTORCH_STAMP):
 venv: $(VENV)/.installed
 $(VENV)/.installed: scripts/requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r scripts/requirements-test.txt
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir -r scripts/requirements-test.txt
 	touch $@
 
 # One profile (release) for the demo, the tests and clippy, so libtorch crates build once.

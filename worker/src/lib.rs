@@ -4,9 +4,12 @@
 pub mod agent;
 pub mod checkpoint;
 pub mod collective;
+pub mod commands;
 pub mod data;
+pub mod infer;
 pub mod model;
 pub mod optim;
 pub mod run;
 pub mod spec;
+pub mod tokenizer;
 pub mod train;

@@ -1,8 +1,12 @@
 //! `worker run --coordinator URL ...`: one rank of a ferrotune job. Normally started by a
 //! launcher, which passes the job token in FERROTUNE_JOB_TOKEN.
+//! `worker generate` / `worker score`: inference on a model directory, for evaluation.
 
 use clap::{Parser, Subcommand};
+use ferrotune_worker::commands;
+use ferrotune_worker::infer::Sampling;
 use ferrotune_worker::run::{run, RunArgs};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -39,6 +43,44 @@ enum Command {
         #[arg(long)]
         advertise: Option<String>,
     },
+    /// Continue a prompt with a model directory (a base model or a checkpoint).
+    Generate {
+        /// Hugging Face model directory: config.json, safetensors weights, tokenizer.json.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// 0 for greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Mean next-token loss of each {"text": ...} line of a JSONL file, as JSON lines.
+    Score {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -52,6 +94,33 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Generate {
+            model,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            device,
+        } => report((|| {
+            let top_p_ok = top_p > 0.0 && top_p <= 1.0;
+            if !top_p_ok || temperature.is_nan() || temperature < 0.0 {
+                anyhow::bail!("--top-p must be in (0, 1] and --temperature at least 0");
+            }
+            let sampling = Sampling {
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+                stop: Vec::new(),
+            };
+            commands::generate(&model, &prompt, commands::device(&device)?, sampling)
+        })()),
+        Command::Score {
+            model,
+            input,
+            device,
+        } => report(commands::device(&device).and_then(|d| commands::score(&model, &input, d))),
         Command::Run {
             coordinator,
             worker_id,

@@ -6,12 +6,13 @@
 
 use crate::checkpoint::{self, TrainerState};
 use crate::collective::{Collective, CollectiveError, ReduceOp};
-use crate::data::text::{read_jsonl_texts, Tokenizer};
+use crate::data::text::read_jsonl_texts;
 use crate::data::{DataError, Sampler, TokenWindows};
 use crate::model::io::{LoadedModel, SaveOptions};
 use crate::model::{DType, ModelError};
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::spec::{Placement, TrainSpec};
+use crate::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -148,8 +149,8 @@ pub fn run(
     tch::manual_seed(spec.seed as i64);
     let model = LoadedModel::load(&spec.model_path, spec.random_init, device)?;
     check_same_start(&model, collective)?;
-    let tokenizer = Tokenizer::from_file(&spec.model_path.join("tokenizer.json"))?;
-    let eos = model.config.eos_token_id().map(|e| e as u32);
+    let tokenizer = Tokenizer::from_model_dir(&spec.model_path, &model.config)?;
+    let eos = tokenizer.special.eos;
     let train = load_windows(&spec.train_path, &tokenizer, eos, spec.seq_len)?;
     let eval = match &spec.eval_path {
         Some(p) => Some(load_windows(p, &tokenizer, eos, spec.seq_len)?),

@@ -3,6 +3,7 @@
 //! and their next-token labels).
 
 use super::DataError;
+use crate::tokenizer::Tokenizer;
 use std::io::BufRead;
 use std::path::Path;
 use tch::{Device, Tensor};
@@ -38,31 +39,6 @@ pub fn read_jsonl_texts(path: &Path) -> Result<Vec<String>, DataError> {
         }
     }
     Ok(texts)
-}
-
-pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
-}
-
-impl Tokenizer {
-    pub fn from_file(path: &Path) -> Result<Self, DataError> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        Ok(Tokenizer { inner })
-    }
-
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        self.inner
-            .encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| e.to_string())
-    }
-
-    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
-        self.inner.decode(ids, false).map_err(|e| e.to_string())
-    }
 }
 
 /// Non-overlapping windows over one token stream.
