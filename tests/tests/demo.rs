@@ -62,7 +62,9 @@ fn tiny_example_fine_tunes_and_writes_a_loadable_checkpoint() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     assert!(wait_no_tagged(&run.tag, Duration::from_secs(5)).is_empty());
 
+    check_generation(&ckpt, &tmp.path().join("base"));
     let Some(py) = python() else { return };
+    check_score_against_transformers(&py, &ckpt, &tmp.path().join("data/eval.jsonl"));
     let report = run_python(
         &py,
         r#"
@@ -94,4 +96,91 @@ print(len(w), cfg["model_type"], ",".join(sorted(f["path"] for f in manifest["fi
         ],
         "python saw: {report}"
     );
+}
+
+fn worker(args: &[&str]) -> String {
+    let out = std::process::Command::new(bin("worker"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "worker {args:?} failed: {stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Greedy decoding from the fine-tuned model continues an incident report in its trained
+/// structure (a symptom, then an `action:` line, then `status: resolved ...`); the base model,
+/// pretrained on general text only, does not. Content words are not checked: 60 steps leave
+/// the demo model at ~0.4 nats/token, enough for the structure, not for every unit's vocabulary.
+fn check_generation(ckpt: &std::path::Path, base: &std::path::Path) {
+    let prompt = "INCIDENT 4242 | unit: pump-07 | severity: high\nsymptom:";
+    let follows_pattern = |text: &str| {
+        let lines: Vec<&str> = text.lines().collect();
+        lines.len() >= 3
+            && lines[0].starts_with(' ')
+            && lines[0].trim().len() >= 3
+            && lines[0].chars().all(|c| c.is_ascii_lowercase() || c == ' ')
+            && lines[1].starts_with("action: ")
+            && lines[2].starts_with("status: resolved")
+    };
+    let generate = |model: &std::path::Path| {
+        worker(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "60",
+        ])
+    };
+    let tuned = generate(ckpt);
+    assert!(follows_pattern(&tuned), "fine-tuned model wrote: {tuned:?}");
+    let base = generate(base);
+    assert!(
+        !follows_pattern(&base),
+        "the base model already wrote: {base:?}"
+    );
+}
+
+/// `worker score` and transformers agree on every held-out text's loss and token count.
+fn check_score_against_transformers(
+    py: &std::path::Path,
+    ckpt: &std::path::Path,
+    data: &std::path::Path,
+) {
+    let (ckpt, data) = (ckpt.to_str().unwrap(), data.to_str().unwrap());
+    let ours = worker(&["score", "--model", ckpt, "--input", data]);
+    let script = repo_root().join("worker/tests/parity/hf_score.py");
+    let out = std::process::Command::new(py)
+        .arg(&script)
+        .args([ckpt, data])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs = String::from_utf8_lossy(&out.stdout).into_owned();
+    let parse = |text: &str| -> Vec<(f64, u64)> {
+        text.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["loss"].as_f64().unwrap(), v["tokens"].as_u64().unwrap())
+            })
+            .collect()
+    };
+    let (ours, theirs) = (parse(&ours), parse(&theirs));
+    assert_eq!(ours.len(), theirs.len());
+    assert!(ours.len() >= 100);
+    for (i, ((a, n), (b, m))) in ours.iter().zip(&theirs).enumerate() {
+        assert_eq!(n, m, "text {i}: token counts differ");
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs(),
+            "text {i}: ours {a}, transformers {b}"
+        );
+    }
 }

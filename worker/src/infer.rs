@@ -89,3 +89,82 @@ pub fn score(model: &LoadedModel, ids: &[i64]) -> Option<(f64, usize)> {
     });
     Some((loss.double_value(&[]) / count as f64, count as usize))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelConfig;
+    use tch::{nn, Device};
+
+    fn model(extra: serde_json::Value) -> LoadedModel {
+        let mut json = serde_json::json!({
+            "model_type": "llama", "vocab_size": 31, "hidden_size": 16, "intermediate_size": 24,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "initializer_range": 0.5
+        });
+        json.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let config = ModelConfig::from_json(json, "test").unwrap();
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = crate::model::Llama::new(&vs.root(), &config);
+        LoadedModel { vs, model, config }
+    }
+
+    /// Greedy decoding by recomputing the whole sequence each step: the obvious version.
+    fn greedy_without_cache(m: &LoadedModel, prompt: &[i64], n: usize) -> Vec<i64> {
+        let mut seq = prompt.to_vec();
+        tch::no_grad(|| {
+            for _ in 0..n {
+                let logits = m.model.forward(&Tensor::from_slice(&seq).unsqueeze(0));
+                seq.push(logits.get(0).get(-1).argmax(-1, false).int64_value(&[]));
+            }
+        });
+        seq[prompt.len()..].to_vec()
+    }
+
+    #[test]
+    fn cached_greedy_decoding_equals_full_recomputation() {
+        // Plain causal attention, and a sliding window shorter than the generated sequence.
+        for extra in [
+            serde_json::json!({}),
+            serde_json::json!({"model_type": "mistral", "sliding_window": 5}),
+        ] {
+            let m = model(extra.clone());
+            let prompt = [1, 7, 3, 9];
+            let sampling = Sampling {
+                max_new_tokens: 12,
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 0,
+                stop: vec![],
+            };
+            assert_eq!(
+                generate(&m, &prompt, &sampling),
+                greedy_without_cache(&m, &prompt, 12),
+                "{extra}"
+            );
+        }
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_top_p_restricts_the_choice() {
+        let m = model(serde_json::json!({}));
+        let sampling = |seed, top_p| Sampling {
+            max_new_tokens: 20,
+            temperature: 1.0,
+            top_p,
+            seed,
+            stop: vec![],
+        };
+        let a = generate(&m, &[1, 2], &sampling(7, 1.0));
+        assert_eq!(a, generate(&m, &[1, 2], &sampling(7, 1.0)));
+        assert_ne!(a, generate(&m, &[1, 2], &sampling(8, 1.0)));
+        // A vanishing top_p keeps only the most likely token: greedy decoding.
+        assert_eq!(
+            generate(&m, &[1, 2], &sampling(9, 1e-9)),
+            greedy_without_cache(&m, &[1, 2], 20)
+        );
+    }
+}

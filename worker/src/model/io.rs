@@ -157,7 +157,10 @@ impl LoadedModel {
                     format!("not a valid safetensors file (truncated or corrupt?): {e}"),
                 )
             })?;
-            for (name, view) in st.iter() {
+            // In name order, so the first error reported is the same on every run.
+            let mut tensors: Vec<_> = st.iter().collect();
+            tensors.sort_by(|a, b| a.0.cmp(b.0));
+            for (name, view) in tensors {
                 if ignorable(name, &self.config) {
                     continue;
                 }
