@@ -8,7 +8,7 @@ PYTHON  ?= python3
 VENV    := .venv
 LIBTORCH_STAMP := third_party/libtorch/.ferrotune-cpu-2.11.0
 
-.PHONY: all setup libtorch venv build demo test lint fmt clean
+.PHONY: all setup libtorch venv build demo test lint fmt clean bench
 
 all: build
 
@@ -30,6 +30,10 @@ build: libtorch
 
 demo: build
 	./target/release/coordinator launch examples/tiny/cluster.yaml
+
+# Training-step tokens/s against PyTorch eager (same shape, batch, threads), measured in one run.
+bench: build venv
+	$(VENV)/bin/python bench/train_step.py
 
 lint: libtorch
 	$(CARGO) fmt --all -- --check

@@ -371,12 +371,17 @@ impl Checks<'_> {
 
         let model_path = self.existing(&f.model.path, "model.path", true);
         if model_path.is_dir() {
-            let mut required = vec!["config.json"];
-            if f.model.init == ModelInit::Pretrained {
-                required.push("model.safetensors");
+            let has = |name: &str| model_path.join(name).is_file();
+            let mut missing = Vec::new();
+            if !has("config.json") {
+                missing.push("config.json");
             }
-            for name in required {
-                if !model_path.join(name).is_file() {
+            let has_weights = has("model.safetensors") || has("model.safetensors.index.json");
+            if f.model.init == ModelInit::Pretrained && !has_weights {
+                missing.push("model.safetensors (or model.safetensors.index.json and its shards)");
+            }
+            for name in missing {
+                {
                     self.push(
                         &f.model.path,
                         "model.path",

@@ -128,6 +128,35 @@ fn pretrained_init_requires_weights() {
     );
     let random = text.replace("  path: base\n", "  path: base\n  init: random\n");
     assert!(parse(&random, tmp.path()).is_ok());
+    // A sharded checkpoint is weights too.
+    std::fs::write(tmp.path().join("base/model.safetensors.index.json"), "{}").unwrap();
+    assert!(parse(&text, tmp.path()).is_ok());
+}
+
+#[test]
+fn checkpoint_dtype_and_shard_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixture(tmp.path());
+    let with = |extra: &str| base.replace("  dir: out\n", &format!("  dir: out\n{extra}"));
+    let ok = parse(&with("  dtype: bf16\n  max_shard_size: 2GiB\n"), tmp.path()).unwrap();
+    assert_eq!(ok.checkpoint_dtype.as_deref(), Some("bfloat16"));
+    assert_eq!(ok.checkpoint_max_shard_bytes, 2 * 1024 * 1024 * 1024);
+    let default = parse(&base, tmp.path()).unwrap();
+    assert_eq!(default.checkpoint_dtype, None);
+    assert_eq!(default.checkpoint_max_shard_bytes, 5_000_000_000);
+    for (extra, field, needle) in [
+        ("  dtype: int8\n", "checkpoint.dtype", "int8"),
+        (
+            "  max_shard_size: 5 parsecs\n",
+            "checkpoint.max_shard_size",
+            "5 parsecs",
+        ),
+    ] {
+        let issues = issues_for(&with(extra), tmp.path());
+        let issue = issues.iter().find(|i| i.field == field).expect(field);
+        assert_eq!(issue.line, 18, "{issue:?}");
+        assert!(issue.message.contains(needle), "{issue:?}");
+    }
 }
 
 #[test]

@@ -319,11 +319,12 @@ impl Llama {
     }
 
     fn loss_of(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
+        // reshape, not view: callers may pass labels sliced out of a longer window.
         logits
-            .view([-1, self.vocab_size])
+            .reshape([-1, self.vocab_size])
             .to_kind(Kind::Float)
             .cross_entropy_loss::<Tensor>(
-                &labels.view([-1]),
+                &labels.reshape([-1]),
                 None,
                 Reduction::Sum,
                 IGNORE_INDEX,
