@@ -90,3 +90,75 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn tiny_base() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny/base")
+    }
+
+    fn config(json: serde_json::Value) -> ModelConfig {
+        let mut base = serde_json::json!({
+            "vocab_size": 259, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2
+        });
+        base.as_object_mut()
+            .unwrap()
+            .extend(json.as_object().unwrap().clone());
+        ModelConfig::from_json(base, "config.json").unwrap()
+    }
+
+    /// Copies the tiny tokenizer with the given tokenizer_config.json (None: no such file).
+    fn model_dir(tok_config: Option<serde_json::Value>) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            tiny_base().join("tokenizer.json"),
+            dir.path().join("tokenizer.json"),
+        )
+        .unwrap();
+        if let Some(c) = tok_config {
+            std::fs::write(dir.path().join("tokenizer_config.json"), c.to_string()).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn special_tokens_come_from_tokenizer_config_then_config_json() {
+        let ids = serde_json::json!({"bos_token_id": 1, "eos_token_id": [2, 3], "pad_token_id": 4});
+        // Strings and AddedToken objects are looked up in the vocabulary.
+        let dir = model_dir(Some(serde_json::json!({
+            "bos_token": "<|bos|>",
+            "eos_token": {"content": "<|eos|>", "special": true},
+        })));
+        let t = Tokenizer::from_model_dir(dir.path(), &config(ids.clone())).unwrap();
+        assert_eq!(
+            t.special,
+            SpecialTokens {
+                bos: Some(256),
+                eos: Some(257),
+                pad: Some(4)
+            }
+        );
+        // Without tokenizer_config.json, config.json's ids (the first of a list) are used.
+        let dir = model_dir(None);
+        let t = Tokenizer::from_model_dir(dir.path(), &config(ids)).unwrap();
+        assert_eq!(
+            t.special,
+            SpecialTokens {
+                bos: Some(1),
+                eos: Some(2),
+                pad: Some(4)
+            }
+        );
+        // A token the vocabulary does not have is an error naming the field.
+        let dir = model_dir(Some(serde_json::json!({"eos_token": "</s>"})));
+        let err = Tokenizer::from_model_dir(dir.path(), &config(serde_json::json!({})))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("`eos_token`") && err.contains("</s>"), "{err}");
+    }
+}
