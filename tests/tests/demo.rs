@@ -99,13 +99,7 @@ print(len(w), cfg["model_type"], ",".join(sorted(f["path"] for f in manifest["fi
 }
 
 fn worker(args: &[&str]) -> String {
-    let out = std::process::Command::new(bin("worker"))
-        .args(args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "worker {args:?} failed: {stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    stdout_of(std::process::Command::new(bin("worker")).args(args))
 }
 
 /// Greedy decoding from the fine-tuned model continues an incident report in its trained
@@ -152,19 +146,13 @@ fn check_score_against_transformers(
     let (ckpt, data) = (ckpt.to_str().unwrap(), data.to_str().unwrap());
     let ours = worker(&["score", "--model", ckpt, "--input", data]);
     let script = repo_root().join("worker/tests/parity/hf_score.py");
-    let out = std::process::Command::new(py)
-        .arg(&script)
-        .args([ckpt, data])
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_VERBOSITY", "error")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let theirs = stdout_of(
+        std::process::Command::new(py)
+            .arg(&script)
+            .args([ckpt, data])
+            .env("HF_HUB_OFFLINE", "1")
+            .env("TRANSFORMERS_VERBOSITY", "error"),
     );
-    let theirs = String::from_utf8_lossy(&out.stdout).into_owned();
     let parse = |text: &str| -> Vec<(f64, u64)> {
         text.lines()
             .map(|l| {

@@ -29,7 +29,7 @@ fn token_text(value: Option<&Value>) -> Option<&str> {
 }
 
 impl Tokenizer {
-    pub fn from_file(path: &Path) -> Result<Self, DataError> {
+    fn from_file(path: &Path) -> Result<Self, DataError> {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
             path: path.display().to_string(),
             message: e.to_string(),

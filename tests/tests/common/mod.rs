@@ -252,17 +252,17 @@ impl Drop for Launch {
 }
 
 /// Runs a Python snippet with the test interpreter; returns its stdout.
-pub fn run_python(python: &Path, code: &str, args: &[&str]) -> String {
-    let out = Command::new(python)
-        .arg("-c")
-        .arg(code)
-        .args(args)
-        .output()
-        .unwrap();
+/// Runs `cmd` to completion and returns its stdout; a failure panics with its stderr.
+pub fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
-        "python failed:\n{}",
+        "{cmd:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn run_python(python: &Path, code: &str, args: &[&str]) -> String {
+    stdout_of(Command::new(python).arg("-c").arg(code).args(args))
 }
