@@ -8,7 +8,7 @@ PYTHON  ?= python3
 VENV    := .venv
 LIBTORCH_STAMP := third_party/libtorch/.ferrotune-cpu-2.11.0
 
-.PHONY: all setup libtorch venv build demo test lint fmt clean bench
+.PHONY: all setup libtorch venv build demo example-instruct example-multitask test lint fmt clean bench
 
 all: build
 
@@ -30,6 +30,15 @@ build: libtorch
 
 demo: build
 	./target/release/coordinator launch examples/tiny/cluster.yaml
+
+# Instruction fine-tuning, then format compliance on the held-out questions: fine-tuned vs base.
+example-instruct: build
+	./target/release/coordinator launch examples/instruct/cluster.yaml
+	$(PYTHON) examples/instruct/compliance.py ./target/release/worker examples/instruct/runs/checkpoints/step-00000150
+	$(PYTHON) examples/instruct/compliance.py ./target/release/worker examples/tiny/base
+
+example-multitask: build
+	./target/release/coordinator launch examples/multitask/cluster.yaml
 
 # Training-step tokens/s against PyTorch eager (same shape, batch, threads), measured in one run.
 bench: build venv

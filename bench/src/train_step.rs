@@ -66,7 +66,7 @@ fn main() -> anyhow::Result<()> {
         if args.activation_checkpointing {
             model
                 .model
-                .loss_sum_backward_checkpointed(&x, &y, 1.0 / tokens);
+                .loss_sum_backward_checkpointed(&x, &y, None, 1.0 / tokens);
         } else {
             let (loss, _) = model.model.loss_sum(&x, &y);
             (loss / tokens).backward();

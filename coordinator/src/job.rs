@@ -43,6 +43,15 @@ pub struct EvalMetrics {
     pub phase: String,
     pub loss: f64,
     pub tokens: u64,
+    /// Per dataset, in config order.
+    pub tasks: Vec<TaskEval>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskEval {
+    pub name: String,
+    pub loss: f64,
+    pub tokens: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

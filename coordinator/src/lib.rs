@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod datacheck;
 pub mod driver;
 pub mod job;
 pub mod launcher;

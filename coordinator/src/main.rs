@@ -2,7 +2,9 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use ferrotune_coordinator::{config, driver, job::Outcome, launcher, resolve_worker_binary};
+use ferrotune_coordinator::{
+    config, datacheck, driver, job::Outcome, launcher, resolve_worker_binary,
+};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -30,7 +32,7 @@ enum LogFormat {
 enum Command {
     /// Validate the config, start the workers and run the fine-tuning job.
     Launch { config: PathBuf },
-    /// Check a config (and the files it names) without starting anything.
+    /// Check a config and every line of its datasets without starting anything.
     Validate { config: PathBuf },
 }
 
@@ -58,28 +60,54 @@ fn load(path: &Path) -> Result<config::JobConfig, ExitCode> {
     })
 }
 
+/// Prints the dataset summary; Err(exit code) when a dataset has errors or cannot be read.
+fn check_data(config: &config::JobConfig, build: bool) -> Result<(), ExitCode> {
+    match datacheck::run(config, build) {
+        Ok(summary) => {
+            println!("{summary}");
+            if summary.ok() {
+                Ok(())
+            } else {
+                eprintln!("error: the datasets have errors (listed above as file:line); fix or remove those lines");
+                Err(ExitCode::from(EXIT_BAD_INPUT))
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(EXIT_BAD_INPUT))
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
-        Command::Validate { config } => match load(&config) {
-            Ok(c) => {
-                println!(
-                    "{}: ok (job {}, {} workers, {} steps)",
-                    config.display(),
-                    c.name,
-                    c.world_size,
-                    c.steps
-                );
-                ExitCode::SUCCESS
+        Command::Validate { config } => {
+            let c = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if let Err(code) = check_data(&c, false) {
+                return code;
             }
-            Err(code) => code,
-        },
+            println!(
+                "{}: ok (job {}, {} workers, {} steps)",
+                config.display(),
+                c.name,
+                c.world_size,
+                c.steps
+            );
+            ExitCode::SUCCESS
+        }
         Command::Launch { config } => {
             let c = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if let Err(code) = check_data(&c, true) {
+                return code;
+            }
             match launch(c) {
                 Ok(code) => code,
                 Err(e) => {

@@ -75,6 +75,12 @@ impl Progress {
             "held-out loss {label}: {:.4} ({} tokens)",
             m.loss, m.tokens
         ));
+        // One line per dataset when there are several; one dataset's is the total above.
+        if m.tasks.len() > 1 {
+            for t in &m.tasks {
+                self.line(format!("  {}: {:.4} ({} tokens)", t.name, t.loss, t.tokens));
+            }
+        }
     }
 
     pub fn message(&self, text: String) {

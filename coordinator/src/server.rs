@@ -2,7 +2,7 @@
 //! No job logic lives here; the generated `pb` types stay inside this module.
 
 use crate::config::{JobConfig, ModelInit};
-use crate::job::{Assignment, EvalMetrics, Event, StepMetrics, WorkerInfo};
+use crate::job::{Assignment, EvalMetrics, Event, StepMetrics, TaskEval, WorkerInfo};
 use ferrotune_proto::v1 as pb;
 use ferrotune_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use tokio::sync::{mpsc, oneshot};
@@ -68,10 +68,27 @@ fn training_spec(c: &JobConfig) -> pb::TrainingSpec {
             activation_checkpointing: c.activation_checkpointing,
         }),
         data: Some(pb::DataSpec {
-            train_path: path(&c.train_path),
-            eval_path: c.eval_path.as_deref().map(path).unwrap_or_default(),
-            seq_len: c.seq_len,
-            eval_max_sequences: c.eval_max_sequences,
+            train_path: String::new(),
+            eval_path: String::new(),
+            seq_len: c.data.seq_len,
+            eval_max_sequences: c.data.eval_max_sequences,
+            datasets: c
+                .data
+                .datasets
+                .iter()
+                .map(|d| pb::DatasetSpec {
+                    name: d.name.clone(),
+                    path: path(&d.path),
+                    format: d.format.name().into(),
+                    weight: d.weight,
+                    eval_path: d.eval_path.as_deref().map(path).unwrap_or_default(),
+                })
+                .collect(),
+            packing: c.data.packing,
+            overlong: c.data.overlong.name().into(),
+            train_on_inputs: c.data.train_on_inputs,
+            chat_template: c.data.chat_template.clone().unwrap_or_default(),
+            cache_dir: path(&c.data.cache_dir),
         }),
         optim: Some(pb::OptimSpec {
             lr: c.lr,
@@ -215,6 +232,15 @@ impl Coordinator for Service {
             phase: r.phase,
             loss: r.loss,
             tokens: r.tokens,
+            tasks: r
+                .tasks
+                .into_iter()
+                .map(|t| TaskEval {
+                    name: t.name,
+                    loss: t.loss,
+                    tokens: t.tokens,
+                })
+                .collect(),
         };
         self.ack(Event::EvalReported {
             rank: r.rank,

@@ -34,7 +34,7 @@ fn each_invalid_config_gets_a_located_message() {
         ),
         (
             "missing field",
-            good.replace("  seq_len: 128\n", ""),
+            good.replace("  seq_len: 160", ""),
             "data.seq_len",
             0,
             "missing field `seq_len`",

@@ -105,7 +105,8 @@ fn worker(args: &[&str]) -> String {
 /// Greedy decoding from the fine-tuned model continues an incident report in its trained
 /// structure (a symptom, then an `action:` line, then `status: resolved ...`); the base model,
 /// pretrained on general text only, does not. Content words are not checked: 60 steps leave
-/// the demo model at ~0.4 nats/token, enough for the structure, not for every unit's vocabulary.
+/// the demo model at ~0.3 nats/token, enough for the structure, not for every unit's vocabulary.
+/// A report is about 135 byte-level tokens, so 100 new tokens reach its status line.
 fn check_generation(ckpt: &std::path::Path, base: &std::path::Path) {
     let prompt = "INCIDENT 4242 | unit: pump-07 | severity: high\nsymptom:";
     let follows_pattern = |text: &str| {
@@ -125,7 +126,7 @@ fn check_generation(ckpt: &std::path::Path, base: &std::path::Path) {
             "--prompt",
             prompt,
             "--max-new-tokens",
-            "60",
+            "100",
         ])
     };
     let tuned = generate(ckpt);

@@ -2,8 +2,10 @@
 //! stay in this module; the training loop sees [`Reporter`] and domain types only.
 
 use crate::model::DType;
-use crate::spec::{Placement, TrainSpec};
-use crate::train::{Reporter, StepStats};
+use crate::spec::{DatasetSpec, Placement, TrainSpec};
+use crate::train::{EvalResult, Reporter, StepStats};
+use ferrotune_data::pack::Overlong;
+use ferrotune_data::record::Format;
 use ferrotune_proto::v1 as pb;
 use ferrotune_proto::v1::coordinator_client::CoordinatorClient;
 use std::path::{Path, PathBuf};
@@ -163,10 +165,28 @@ fn spec_from_pb(s: pb::TrainingSpec) -> Result<TrainSpec, AgentError> {
         seed: s.seed,
         model_path: PathBuf::from(model.path),
         random_init: model.random_init,
-        train_path: PathBuf::from(data.train_path),
-        eval_path: (!data.eval_path.is_empty()).then(|| PathBuf::from(data.eval_path)),
+        datasets: data
+            .datasets
+            .into_iter()
+            .map(|d| {
+                Ok(DatasetSpec {
+                    format: Format::from_name(&d.format)
+                        .ok_or(AgentError::Protocol("spec: unknown dataset format"))?,
+                    name: d.name,
+                    path: PathBuf::from(d.path),
+                    weight: d.weight,
+                    eval_path: (!d.eval_path.is_empty()).then(|| PathBuf::from(d.eval_path)),
+                })
+            })
+            .collect::<Result<_, AgentError>>()?,
         seq_len: data.seq_len as usize,
         eval_max_sequences: data.eval_max_sequences as usize,
+        packing: data.packing,
+        overlong: Overlong::from_name(&data.overlong)
+            .ok_or(AgentError::Protocol("spec: unknown overlong policy"))?,
+        train_on_inputs: data.train_on_inputs,
+        chat_template: (!data.chat_template.is_empty()).then_some(data.chat_template),
+        cache_dir: PathBuf::from(data.cache_dir),
         lr: optim.lr,
         min_lr: optim.min_lr,
         warmup_steps: optim.warmup_steps,
@@ -228,14 +248,23 @@ impl Reporter for GrpcReporter {
         }
     }
 
-    fn eval(&self, phase: &str, step: u64, loss: f64, tokens: u64) {
+    fn eval(&self, phase: &str, step: u64, result: &EvalResult) {
         let request = pb::EvalReport {
             rank: self.placement.rank as u32,
             generation: self.placement.generation,
             step,
             phase: phase.into(),
-            loss,
-            tokens,
+            loss: result.loss,
+            tokens: result.tokens,
+            tasks: result
+                .tasks
+                .iter()
+                .map(|t| pb::TaskEval {
+                    name: t.name.clone(),
+                    loss: t.loss,
+                    tokens: t.tokens,
+                })
+                .collect(),
         };
         if let Err(e) = self
             .runtime

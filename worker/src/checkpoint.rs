@@ -15,8 +15,8 @@ use tch::{Device, Tensor};
 #[derive(Debug, Serialize)]
 pub struct TrainerState {
     pub step: u64,
-    pub epoch: u64,
-    pub step_in_epoch: u64,
+    /// Where the data stream stands after `step`: resuming restores it in O(1).
+    pub data_cursor: ferrotune_data::mixture::Cursor,
     pub seed: u64,
     pub world_size: usize,
     pub global_batch_sequences: usize,
@@ -26,6 +26,14 @@ pub struct TrainerState {
     pub min_lr: f64,
     pub warmup_steps: u64,
     pub total_steps: u64,
+}
+
+/// What a checkpoint holds besides the model: training state, and the chat template the job
+/// used (recorded in tokenizer_config.json when it is not the model's own).
+pub struct TrainingState<'a> {
+    pub optimizer: &'a AdamW,
+    pub state: &'a TrainerState,
+    pub chat_template: Option<&'a str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +65,24 @@ fn sync_file(path: &Path) -> Result<(), CheckpointError> {
         .map_err(io("sync", path))
 }
 
+/// Puts the template the job trained with into the checkpoint's tokenizer_config.json, so that
+/// transformers' apply_chat_template and vLLM format prompts as in training.
+fn record_chat_template(dir: &Path, template: &str) -> Result<(), CheckpointError> {
+    let path = dir.join("tokenizer_config.json");
+    let mut config: serde_json::Value = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| {
+            CheckpointError::Tensor(format!("{}: invalid JSON: {e}", path.display()))
+        })?,
+        Err(_) => serde_json::json!({}),
+    };
+    if let Some(o) = config.as_object_mut() {
+        o.insert("chat_template".into(), template.into());
+    }
+    let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
+    std::fs::write(&path, text).map_err(io("write", &path))?;
+    sync_file(&path)
+}
+
 /// Writes everything into `<root>/.staging-<step>-r<rank>-<pid>` and returns that path.
 pub fn write_staging(
     root: &Path,
@@ -64,9 +90,9 @@ pub fn write_staging(
     model: &LoadedModel,
     model_src: &Path,
     save: &SaveOptions,
-    optimizer: &AdamW,
-    state: &TrainerState,
+    training: &TrainingState<'_>,
 ) -> Result<PathBuf, CheckpointError> {
+    let (optimizer, state) = (training.optimizer, training.state);
     std::fs::create_dir_all(root).map_err(io("create", root))?;
     let staging = root.join(format!(
         ".staging-{:08}-r{rank}-{}",
@@ -84,6 +110,9 @@ pub fn write_staging(
         .map_err(|e| CheckpointError::Tensor(e.to_string()))?;
     for file in &written {
         sync_file(file)?;
+    }
+    if let Some(template) = training.chat_template {
+        record_chat_template(&staging, template)?;
     }
 
     let opt_path = training_state.join("optimizer.safetensors");

@@ -1,11 +1,12 @@
 //! `worker generate` and `worker score`: load a Hugging Face model directory (a base model or a
 //! ferrotune checkpoint) and run inference on it.
 
-use crate::data::text::read_jsonl_texts;
 use crate::infer::{self, Sampling};
 use crate::model::io::LoadedModel;
-use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context};
+use ferrotune_data::chat::ChatTemplate;
+use ferrotune_data::record::{read_texts, Message, Role};
+use ferrotune_data::Tokenizer;
 use std::io::Write;
 use std::path::Path;
 use tch::Device;
@@ -21,7 +22,7 @@ pub fn device(name: &str) -> anyhow::Result<Device> {
 
 fn load(model_dir: &Path, device: Device) -> anyhow::Result<(LoadedModel, Tokenizer)> {
     let model = LoadedModel::load(model_dir, false, device)?;
-    let tokenizer = Tokenizer::from_model_dir(model_dir, &model.config)?;
+    let tokenizer = Tokenizer::from_model_dir(model_dir)?;
     Ok((model, tokenizer))
 }
 
@@ -29,17 +30,49 @@ fn to_i64(ids: Vec<u32>) -> Vec<i64> {
     ids.into_iter().map(i64::from).collect()
 }
 
+/// How `generate` turns the prompt into tokens.
+pub enum Chat {
+    /// Plain text, with the tokenizer's special tokens.
+    Off,
+    /// A user message rendered with the model's chat template and its generation prompt.
+    ModelTemplate,
+    /// The same with this template text.
+    Template(String),
+}
+
 /// Prints the completion of `prompt` to stdout.
 pub fn generate(
     model_dir: &Path,
     prompt: &str,
+    chat: Chat,
     device: Device,
     mut sampling: Sampling,
 ) -> anyhow::Result<()> {
     let (model, tokenizer) = load(model_dir, device)?;
+    let configured = match &chat {
+        Chat::Template(text) => Some(text.as_str()),
+        _ => None,
+    };
+    let encoded = if !matches!(chat, Chat::Off) {
+        let template = ChatTemplate::resolve(&tokenizer, configured)
+            .map_err(anyhow::Error::msg)?
+            .with_context(|| {
+                format!(
+                    "--chat: {} has no chat_template in tokenizer_config.json; pass --chat-template FILE",
+                    model_dir.display()
+                )
+            })?;
+        let user = [Message {
+            role: Role::User,
+            content: prompt.to_string(),
+        }];
+        let text = template.render(&user, true).map_err(anyhow::Error::msg)?;
+        tokenizer.encode(&text)
+    } else {
+        tokenizer.encode_with(prompt, true)
+    };
     let ids = to_i64(
-        tokenizer
-            .encode_with(prompt, true)
+        encoded
             .map_err(anyhow::Error::msg)
             .context("tokenizing the prompt")?,
     );
@@ -58,7 +91,7 @@ pub fn generate(
 /// One JSON line per input text: {"index", "loss", "tokens"}.
 pub fn score(model_dir: &Path, input: &Path, device: Device) -> anyhow::Result<()> {
     let (model, tokenizer) = load(model_dir, device)?;
-    let texts = read_jsonl_texts(input)?;
+    let texts = read_texts(input)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for (index, text) in texts.iter().enumerate() {

@@ -11,5 +11,4 @@ pub mod model;
 pub mod optim;
 pub mod run;
 pub mod spec;
-pub mod tokenizer;
 pub mod train;

@@ -2,6 +2,7 @@
 //! launcher, which passes the job token in FERROTUNE_JOB_TOKEN.
 //! `worker generate` / `worker score`: inference on a model directory, for evaluation.
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferrotune_worker::commands;
 use ferrotune_worker::infer::Sampling;
@@ -50,6 +51,14 @@ enum Command {
         model: PathBuf,
         #[arg(long)]
         prompt: String,
+        /// Treat the prompt as a user message: render it with the model's chat template and
+        /// its generation prompt (tokenizer_config.json's `chat_template`).
+        #[arg(long)]
+        chat: bool,
+        /// With --chat: a Jinja template file to use instead of the model's own (to compare a
+        /// base model that has none with its fine-tuned checkpoint).
+        #[arg(long, requires = "chat")]
+        chat_template: Option<PathBuf>,
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
         /// 0 for greedy decoding.
@@ -97,6 +106,8 @@ fn main() -> ExitCode {
         Command::Generate {
             model,
             prompt,
+            chat,
+            chat_template,
             max_new_tokens,
             temperature,
             top_p,
@@ -114,7 +125,15 @@ fn main() -> ExitCode {
                 seed,
                 stop: Vec::new(),
             };
-            commands::generate(&model, &prompt, commands::device(&device)?, sampling)
+            let chat = match (chat, chat_template) {
+                (false, _) => commands::Chat::Off,
+                (true, None) => commands::Chat::ModelTemplate,
+                (true, Some(path)) => commands::Chat::Template(
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("--chat-template {}", path.display()))?,
+                ),
+            };
+            commands::generate(&model, &prompt, chat, commands::device(&device)?, sampling)
         })()),
         Command::Score {
             model,

@@ -1,6 +1,8 @@
 //! What a worker is told to do, as validated domain types (the agent converts from protobuf).
 
 use crate::model::DType;
+use ferrotune_data::pack::Overlong;
+use ferrotune_data::record::Format;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,10 +23,15 @@ pub struct TrainSpec {
     pub seed: u64,
     pub model_path: PathBuf,
     pub random_init: bool,
-    pub train_path: PathBuf,
-    pub eval_path: Option<PathBuf>,
+    pub datasets: Vec<DatasetSpec>,
     pub seq_len: usize,
+    /// Held-out sequences evaluated per dataset.
     pub eval_max_sequences: usize,
+    pub packing: bool,
+    pub overlong: Overlong,
+    pub train_on_inputs: bool,
+    pub chat_template: Option<String>,
+    pub cache_dir: PathBuf,
     pub lr: f64,
     pub min_lr: f64,
     pub warmup_steps: u64,
@@ -49,4 +56,13 @@ pub struct TrainSpec {
     pub heartbeat_interval: Duration,
     pub bucket_bytes: usize,
     pub log_every_steps: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetSpec {
+    pub name: String,
+    pub path: PathBuf,
+    pub format: Format,
+    pub weight: f64,
+    pub eval_path: Option<PathBuf>,
 }

@@ -4,18 +4,18 @@
 //!
 //! Data parallelism lives only here: the model is single-device code, the collective is a trait.
 
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint::{self, TrainerState, TrainingState};
 use crate::collective::{Collective, CollectiveError, ReduceOp};
-use crate::data::text::read_jsonl_texts;
-use crate::data::{DataError, Sampler, TokenWindows};
+use crate::data::{self, DataError, Task};
 use crate::model::io::{LoadedModel, SaveOptions};
 use crate::model::{DType, ModelError};
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::spec::{Placement, TrainSpec};
-use crate::tokenizer::Tokenizer;
+use ferrotune_data::mixture::{rank_slice, Mixture};
+use ferrotune_data::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepStats {
@@ -28,10 +28,25 @@ pub struct StepStats {
     pub step_seconds: f64,
 }
 
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskLoss {
+    pub name: String,
+    pub loss: f64,
+    pub tokens: u64,
+}
+
+/// Held-out loss: over all datasets' held-out tokens, and per dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub tokens: u64,
+    pub tasks: Vec<TaskLoss>,
+}
+
 /// Where the loop's results go (the coordinator, in production; a recorder in tests).
 pub trait Reporter {
     fn step(&self, stats: &StepStats);
-    fn eval(&self, phase: &str, step: u64, loss: f64, tokens: u64);
+    fn eval(&self, phase: &str, step: u64, result: &EvalResult);
     /// Hands a staged checkpoint over for commit; returns the committed path.
     fn commit_checkpoint(
         &self,
@@ -67,45 +82,74 @@ pub struct TrainSummary {
     pub last_loss: f64,
 }
 
-fn load_windows(
-    path: &Path,
-    tokenizer: &Tokenizer,
-    eos: Option<u32>,
-    seq_len: usize,
-) -> Result<TokenWindows, TrainError> {
-    let texts = read_jsonl_texts(path)?;
-    TokenWindows::from_texts(&texts, tokenizer, eos, seq_len)
-        .map_err(|e| TrainError::Setup(format!("{}: tokenizing: {e}", path.display())))
+fn mean(sum: f64, count: f64) -> f64 {
+    if count > 0.0 {
+        sum / count
+    } else {
+        f64::NAN
+    }
 }
 
-/// Mean loss over (a rank-sharded part of) the held-out windows, reduced over all ranks.
+/// Mean held-out loss per dataset (its first `max_sequences` held-out sequences, split over the
+/// ranks) and over all of them, reduced over all ranks. None when no dataset has a held-out set.
 fn evaluate(
     model: &LoadedModel,
-    windows: &TokenWindows,
+    tasks: &[Task],
     max_sequences: usize,
     batch: usize,
+    seq_len: usize,
+    pad_id: u32,
     collective: &mut dyn Collective,
-) -> Result<(f64, u64), TrainError> {
+) -> Result<Option<EvalResult>, TrainError> {
     let (rank, world) = (collective.rank(), collective.world_size());
-    let mine: Vec<usize> = (0..windows.len().min(max_sequences))
-        .filter(|i| i % world == rank)
+    let with_eval: Vec<(&str, &ferrotune_data::cache::TokenCache)> = tasks
+        .iter()
+        .filter_map(|t| t.eval.as_ref().map(|e| (t.name.as_str(), e)))
         .collect();
-    let mut sums = [0.0f64, 0.0f64];
+    if with_eval.is_empty() {
+        return Ok(None);
+    }
+    // [loss sum, labelled tokens] per dataset.
+    let mut sums = vec![0.0f64; 2 * with_eval.len()];
     tch::no_grad(|| {
-        for chunk in mine.chunks(batch.max(1)) {
-            let (x, y) = windows.batch(chunk, Device::Cpu);
-            let (loss, count) = model.model.loss_sum(&x, &y);
-            sums[0] += loss.double_value(&[]);
-            sums[1] += count as f64;
+        for (i, (_, cache)) in with_eval.iter().enumerate() {
+            let mine: Vec<usize> = (0..cache.len().min(max_sequences))
+                .filter(|s| s % world == rank)
+                .collect();
+            for chunk in mine.chunks(batch.max(1)) {
+                let b = data::batch(
+                    &data::rows(cache, chunk.iter().copied()),
+                    seq_len,
+                    pad_id,
+                    Device::Cpu,
+                );
+                let (loss, count) =
+                    model
+                        .model
+                        .loss_sum_packed(&b.input_ids, &b.labels, b.packing.as_ref());
+                sums[2 * i] += loss.double_value(&[]);
+                sums[2 * i + 1] += count as f64;
+            }
         }
     });
     collective.all_reduce_scalars(&mut sums, ReduceOp::Sum)?;
-    let mean = if sums[1] > 0.0 {
-        sums[0] / sums[1]
-    } else {
-        f64::NAN
-    };
-    Ok((mean, sums[1] as u64))
+    let tasks: Vec<TaskLoss> = with_eval
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| TaskLoss {
+            name: name.to_string(),
+            loss: mean(sums[2 * i], sums[2 * i + 1]),
+            tokens: sums[2 * i + 1] as u64,
+        })
+        .collect();
+    let (loss, tokens) = sums
+        .chunks(2)
+        .fold((0.0, 0.0), |(l, n), c| (l + c[0], n + c[1]));
+    Ok(Some(EvalResult {
+        loss: mean(loss, tokens),
+        tokens: tokens as u64,
+        tasks,
+    }))
 }
 
 /// All ranks must start from the same weights (seeded init or the same file). A cheap guard:
@@ -149,29 +193,35 @@ pub fn run(
     tch::manual_seed(spec.seed as i64);
     let model = LoadedModel::load(&spec.model_path, spec.random_init, device)?;
     check_same_start(&model, collective)?;
-    let tokenizer = Tokenizer::from_model_dir(&spec.model_path, &model.config)?;
-    let eos = tokenizer.special.eos;
-    let train = load_windows(&spec.train_path, &tokenizer, eos, spec.seq_len)?;
-    let eval = match &spec.eval_path {
-        Some(p) => Some(load_windows(p, &tokenizer, eos, spec.seq_len)?),
-        None => None,
+    let tokenizer = Tokenizer::from_model_dir(&spec.model_path)?;
+    let pad_id = tokenizer.special.pad.or(tokenizer.special.eos).unwrap_or(0);
+    let tasks = data::load_tasks(spec, &tokenizer)?;
+    let sizes: Vec<usize> = tasks.iter().map(|t| t.train.len()).collect();
+    let weights: Vec<f64> = tasks.iter().map(|t| t.weight).collect();
+    let mut mixture = Mixture::new(spec.seed, &sizes, &weights).map_err(TrainError::Setup)?;
+    let global_batch = placement.world_size * spec.micro_batch_size * spec.grad_accum_steps;
+    for t in &tasks {
+        tracing::info!(
+            rank = placement.rank,
+            dataset = t.name.as_str(),
+            sequences = t.train.len(),
+            tokens = t.train.meta.tokens,
+            cache = %t.train.dir.display(),
+            "data ready"
+        );
+    }
+    let eval_batch = spec.micro_batch_size;
+    let run_eval = |collective: &mut dyn Collective| {
+        evaluate(
+            &model,
+            &tasks,
+            spec.eval_max_sequences,
+            eval_batch,
+            spec.seq_len,
+            pad_id,
+            collective,
+        )
     };
-    let mut sampler = Sampler::new(
-        train.len(),
-        spec.seed,
-        placement.world_size,
-        placement.rank,
-        spec.micro_batch_size,
-        spec.grad_accum_steps,
-    )
-    .map_err(|e| TrainError::Setup(format!("{}: {e}", spec.train_path.display())))?;
-    tracing::info!(
-        rank = placement.rank,
-        windows = train.len(),
-        tokens = train.total_tokens(),
-        steps_per_epoch = sampler.steps_per_epoch(),
-        "data ready"
-    );
 
     let mut optimizer = AdamW::new(
         model.named_parameters(),
@@ -190,17 +240,10 @@ pub fn run(
         last_loss: f64::NAN,
     };
 
-    if let Some(windows) = &eval {
-        let (loss, tokens) = evaluate(
-            &model,
-            windows,
-            spec.eval_max_sequences,
-            spec.micro_batch_size,
-            collective,
-        )?;
-        summary.eval_before = Some(loss);
+    if let Some(result) = run_eval(collective)? {
+        summary.eval_before = Some(result.loss);
         if is_writer {
-            reporter.eval("before", 0, loss, tokens);
+            reporter.eval("before", 0, &result);
         }
     }
 
@@ -218,32 +261,41 @@ pub fn run(
             spec.total_steps,
         );
 
-        let batches: Vec<(Tensor, Tensor)> = (0..spec.grad_accum_steps)
-            .map(|m| train.batch(&sampler.micro_batch_indices(step, m), device))
+        // Every rank draws the same global batch and takes its own slices of it.
+        let slots = mixture.next_slots(global_batch);
+        let batches: Vec<data::Batch> = (0..spec.grad_accum_steps)
+            .map(|m| {
+                let mine = rank_slice(
+                    &slots,
+                    placement.world_size,
+                    placement.rank,
+                    spec.micro_batch_size,
+                    m,
+                );
+                let rows: Vec<_> = mine
+                    .iter()
+                    .map(|s| tasks[s.task].train.sequence(s.sequence))
+                    .collect();
+                data::batch(&rows, spec.seq_len, pad_id, device)
+            })
             .collect();
         // Divide by the labelled tokens of the whole global batch, not per rank: then summing
         // the ranks' gradients gives exactly the gradient of the global batch's mean loss.
-        let local_tokens: i64 = batches
-            .iter()
-            .map(|(_, y)| {
-                y.ne(crate::model::llama::IGNORE_INDEX)
-                    .sum(Kind::Int64)
-                    .int64_value(&[])
-            })
-            .sum();
+        let local_tokens: i64 = batches.iter().map(|b| b.label_count).sum();
         let mut counts = [local_tokens as f64];
         collective.all_reduce_scalars(&mut counts, ReduceOp::Sum)?;
         let global_tokens = counts[0].max(1.0);
 
         let mut local_loss_sum = 0.0;
-        for (x, y) in &batches {
+        for b in &batches {
+            let (x, y, packing) = (&b.input_ids, &b.labels, b.packing.as_ref());
             if spec.activation_checkpointing {
                 local_loss_sum +=
                     model
                         .model
-                        .loss_sum_backward_checkpointed(x, y, 1.0 / global_tokens);
+                        .loss_sum_backward_checkpointed(x, y, packing, 1.0 / global_tokens);
             } else {
-                let (loss_sum, _) = model.model.loss_sum(x, y);
+                let (loss_sum, _) = model.model.loss_sum_packed(x, y, packing);
                 local_loss_sum += loss_sum.double_value(&[]);
                 (loss_sum / global_tokens).backward();
             }
@@ -282,22 +334,15 @@ pub fn run(
             && done < spec.total_steps
         {
             save(
-                spec, placement, &model, &optimizer, &sampler, done, lr, false, reporter,
+                spec, placement, &model, &optimizer, &mixture, done, lr, false, reporter,
             )?;
         }
     }
 
-    if let Some(windows) = &eval {
-        let (loss, tokens) = evaluate(
-            &model,
-            windows,
-            spec.eval_max_sequences,
-            spec.micro_batch_size,
-            collective,
-        )?;
-        summary.eval_after = Some(loss);
+    if let Some(result) = run_eval(collective)? {
+        summary.eval_after = Some(result.loss);
         if is_writer {
-            reporter.eval("after", spec.total_steps, loss, tokens);
+            reporter.eval("after", spec.total_steps, &result);
         }
     }
     if is_writer {
@@ -306,7 +351,7 @@ pub fn run(
             placement,
             &model,
             &optimizer,
-            &sampler,
+            &mixture,
             spec.total_steps,
             lr,
             true,
@@ -323,20 +368,20 @@ fn save(
     placement: &Placement,
     model: &LoadedModel,
     optimizer: &AdamW,
-    sampler: &Sampler,
+    mixture: &Mixture,
     step: u64,
     lr: f64,
     is_final: bool,
     reporter: &dyn Reporter,
 ) -> Result<PathBuf, TrainError> {
-    let (epoch, step_in_epoch) = sampler.cursor(step);
     let state = TrainerState {
         step,
-        epoch,
-        step_in_epoch,
+        data_cursor: mixture.cursor().clone(),
         seed: spec.seed,
         world_size: placement.world_size,
-        global_batch_sequences: sampler.global_batch(),
+        global_batch_sequences: placement.world_size
+            * spec.micro_batch_size
+            * spec.grad_accum_steps,
         seq_len: spec.seq_len,
         optimizer_steps: optimizer.step_count(),
         lr,
@@ -357,8 +402,11 @@ fn save(
         model,
         &spec.model_path,
         &options,
-        optimizer,
-        &state,
+        &TrainingState {
+            optimizer,
+            state: &state,
+            chat_template: spec.chat_template.as_deref(),
+        },
     )
     .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
     reporter

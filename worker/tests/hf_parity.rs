@@ -123,9 +123,10 @@ fn logits_loss_and_gradients_match_transformers() {
         // Activation checkpointing recomputes layers in backward: same gradients.
         let model = case.load();
         let count = labels.ne(-100).sum(Kind::Int64).int64_value(&[]);
-        let loss_sum = model
-            .model
-            .loss_sum_backward_checkpointed(ids, labels, 1.0 / count as f64);
+        let loss_sum =
+            model
+                .model
+                .loss_sum_backward_checkpointed(ids, labels, None, 1.0 / count as f64);
         check(
             &mut failures,
             format!("{} checkpointed loss", case.name),

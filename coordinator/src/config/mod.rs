@@ -76,17 +76,6 @@ struct ModelSection {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DataSection {
-    train: Spanned<String>,
-    #[serde(default)]
-    eval: Option<Spanned<String>>,
-    seq_len: Spanned<u32>,
-    #[serde(default = "defaults::eval_max_sequences")]
-    eval_max_sequences: u32,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct TrainingSection {
     steps: Spanned<u64>,
     micro_batch_size: Spanned<u32>,
@@ -151,6 +140,9 @@ mod defaults {
     pub fn eval_max_sequences() -> u32 {
         512
     }
+    pub fn weight() -> Spanned<f64> {
+        unspanned(1.0)
+    }
     pub fn one() -> Spanned<u32> {
         unspanned(1)
     }
@@ -188,10 +180,7 @@ pub struct JobConfig {
     pub worker_binary: Option<PathBuf>,
     pub model_path: PathBuf,
     pub model_init: ModelInit,
-    pub train_path: PathBuf,
-    pub eval_path: Option<PathBuf>,
-    pub seq_len: u32,
-    pub eval_max_sequences: u32,
+    pub data: DataConfig,
     pub steps: u64,
     pub micro_batch_size: u32,
     pub grad_accum_steps: u32,
@@ -400,14 +389,6 @@ impl Checks<'_> {
             }
         }
 
-        let train_path = self.existing(&f.data.train, "data.train", false);
-        let eval_path = f
-            .data
-            .eval
-            .as_ref()
-            .map(|e| self.existing(e, "data.eval", false));
-        let seq_len = self.positive_u32(&f.data.seq_len, "data.seq_len");
-
         let t = &f.training;
         if t.steps.value == 0 {
             self.push(
@@ -461,6 +442,8 @@ impl Checks<'_> {
             );
         }
 
+        let data = self.data(&f.data, &checkpoint_dir);
+
         let checkpoint_dtype = f.checkpoint.dtype.as_ref().and_then(|d| {
             let canonical = match d.value.as_str() {
                 "float32" | "fp32" => Some("float32"),
@@ -509,10 +492,7 @@ impl Checks<'_> {
             worker_binary,
             model_path,
             model_init: f.model.init,
-            train_path,
-            eval_path,
-            seq_len,
-            eval_max_sequences: f.data.eval_max_sequences,
+            data,
             steps: t.steps.value,
             micro_batch_size,
             grad_accum_steps,
@@ -556,7 +536,10 @@ fn parse_size(text: &str) -> Option<u64> {
     Some((number * scale) as u64)
 }
 
+mod data;
 mod issues;
+use data::DataSection;
+pub use data::{DataConfig, DatasetConfig};
 use issues::yaml_issue;
 pub use issues::{ConfigError, Issue};
 

@@ -1,4 +1,6 @@
 use super::*;
+use ferrotune_data::pack::Overlong;
+use ferrotune_data::record::Format;
 
 /// A valid config whose paths exist under `dir`.
 pub(crate) fn fixture(dir: &Path) -> String {
@@ -182,4 +184,99 @@ fn key_paths_follow_indentation() {
     assert_eq!(issues::key_path_at(text, 3), vec!["a", "b", "c"]);
     assert_eq!(issues::key_path_at(text, 4), vec!["a", "d"]);
     assert_eq!(issues::key_path_at(text, 5), vec!["e"]);
+}
+
+#[test]
+fn datasets_resolve_with_weights_sniffed_formats_and_defaults() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixture(tmp.path());
+    std::fs::write(
+        tmp.path().join("chat.jsonl"),
+        "\n{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}]}\n",
+    )
+    .unwrap();
+    std::fs::write(tmp.path().join("t.jinja"), "{{ messages }}").unwrap();
+    let text = base.replace(
+        "  train: train.jsonl\n",
+        "  packing: true\n  overlong: drop\n  chat_template_file: t.jinja\n  datasets:\n    - path: train.jsonl\n    - name: chat\n      path: chat.jsonl\n      weight: 3\n      eval: chat.jsonl\n",
+    );
+    let c = parse(&text, tmp.path()).unwrap();
+    let d = &c.data;
+    assert_eq!(d.datasets.len(), 2);
+    assert_eq!(
+        (
+            d.datasets[0].name.as_str(),
+            d.datasets[0].format,
+            d.datasets[0].weight
+        ),
+        ("train", Format::Text, 1.0)
+    );
+    assert_eq!(
+        (
+            d.datasets[1].name.as_str(),
+            d.datasets[1].format,
+            d.datasets[1].weight
+        ),
+        ("chat", Format::Messages, 3.0)
+    );
+    assert_eq!(d.datasets[1].eval_path, Some(tmp.path().join("chat.jsonl")));
+    assert!(d.packing && d.overlong == Overlong::Drop);
+    assert_eq!(d.chat_template.as_deref(), Some("{{ messages }}"));
+    assert_eq!(d.cache_dir, tmp.path().join("out/data-cache"));
+}
+
+#[test]
+fn data_section_mistakes_are_located() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixture(tmp.path());
+    let with = |data: &str| base.replace("  train: train.jsonl\n", data);
+    let cases = [
+        (
+            with("  train: train.jsonl\n  format: csv\n"),
+            "data.format",
+            "unknown format `csv`",
+        ),
+        (
+            with("  train: train.jsonl\n  overlong: wrap\n"),
+            "data.overlong",
+            "unknown policy `wrap`",
+        ),
+        (
+            with("  datasets:\n    - path: train.jsonl\n      weight: 0\n"),
+            "data.datasets[0].weight",
+            "greater than 0",
+        ),
+        (
+            with("  datasets:\n    - path: train.jsonl\n    - path: train.jsonl\n"),
+            "data.datasets[1].name",
+            "a second dataset is named `train`",
+        ),
+        (
+            with("  train: train.jsonl\n  datasets:\n    - path: train.jsonl\n"),
+            "data.train",
+            "cannot be combined",
+        ),
+        (with(""), "data.datasets", "no training data"),
+        (
+            with("  train: train.jsonl\n  chat_template: \"{% for %}\"\n"),
+            "data.chat_template",
+            "does not parse",
+        ),
+    ];
+    for (text, field, message) in cases {
+        let issues = issues_for(&text, tmp.path());
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.field == field && i.message.contains(message) && i.line > 0),
+            "want {field}: {message}, got {issues:#?}"
+        );
+    }
+    // A file whose first line matches no layout needs `format:`.
+    std::fs::write(tmp.path().join("odd.jsonl"), "{\"body\": 1}\n").unwrap();
+    let issues = issues_for(&with("  train: odd.jsonl\n"), tmp.path());
+    assert!(
+        issues[0].message.contains("cannot tell the layout"),
+        "{issues:#?}"
+    );
 }

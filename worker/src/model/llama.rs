@@ -122,6 +122,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        packed_mask: Option<&Tensor>,
     ) -> Tensor {
         let (b, s, _) = x.size3().expect("activations are (batch, seq, hidden)");
         let heads = |t: Tensor, n: i64| t.view([b, s, n, self.head_dim]).transpose(1, 2);
@@ -137,7 +138,10 @@ impl Attention {
             *slot = Some((k.shallow_clone(), v.shallow_clone()));
         }
         let k_len = k.size()[2];
-        let mask = attention_mask(s, k_len, self.sliding_window, x.device());
+        let mask = match packed_mask {
+            Some(m) => Some(m.shallow_clone()),
+            None => attention_mask(s, k_len, self.sliding_window, x.device()),
+        };
         let causal = mask.is_none() && s == k_len && s > 1;
         let y = Tensor::scaled_dot_product_attention(
             &q,
@@ -216,10 +220,15 @@ impl DecoderLayer {
         cos: &Tensor,
         sin: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        packed_mask: Option<&Tensor>,
     ) -> Tensor {
-        let x = x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x), cos, sin, cache);
+        let x = x + self.self_attn.forward(
+            &self.input_layernorm.forward(x),
+            cos,
+            sin,
+            cache,
+            packed_mask,
+        );
         &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
     }
 }
@@ -233,6 +242,34 @@ pub struct Llama {
     lm_head: Option<nn::Linear>,
     inv_freq: Tensor,
     vocab_size: i64,
+    sliding_window: Option<i64>,
+}
+
+/// Several samples in one row: each token's position within its own sample and the sample it
+/// belongs to. Attention never crosses samples, so each sample's logits are those it has alone.
+pub struct Packing {
+    /// (batch, seq) int64.
+    pub positions: Tensor,
+    /// (batch, seq) int64; tokens attend only to earlier tokens with the same id.
+    pub segments: Tensor,
+}
+
+impl Packing {
+    /// (batch, 1, seq, seq) bool: causal, same segment, and within `window` when one applies.
+    fn mask(&self, window: Option<i64>) -> Tensor {
+        let s = self.segments.size()[1];
+        let idx = Tensor::arange(s, (Kind::Int64, self.segments.device()));
+        let (q, k) = (idx.unsqueeze(1), idx.unsqueeze(0));
+        let mut allowed = k.le_tensor(&q);
+        if let Some(w) = window {
+            allowed = allowed.logical_and(&k.gt_tensor(&(&q - w)));
+        }
+        let same = self
+            .segments
+            .unsqueeze(2)
+            .eq_tensor(&self.segments.unsqueeze(1));
+        same.logical_and(&allowed).unsqueeze(1)
+    }
 }
 
 impl Llama {
@@ -271,6 +308,7 @@ impl Llama {
             lm_head,
             inv_freq: rope::inv_freq(cfg, vs.device()),
             vocab_size: cfg.vocab_size,
+            sliding_window: cfg.sliding_window,
         }
     }
 
@@ -296,12 +334,32 @@ impl Llama {
 
     /// Logits for token ids at explicit positions (batch, seq).
     pub fn forward_at(&self, input_ids: &Tensor, positions: &Tensor) -> Tensor {
+        self.forward_masked(input_ids, positions, None)
+    }
+
+    fn forward_masked(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
         let (cos, sin) = rope::tables(positions, &self.inv_freq);
         let mut x = self.embed_tokens.forward(input_ids);
         for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, None);
+            x = layer.forward(&x, &cos, &sin, None, mask);
         }
         self.head(&x)
+    }
+
+    /// Logits of rows that may hold several samples (plain causal rows when `packing` is None).
+    pub fn forward_packed(&self, input_ids: &Tensor, packing: Option<&Packing>) -> Tensor {
+        match packing {
+            None => self.forward(input_ids),
+            Some(p) => {
+                let mask = p.mask(self.sliding_window);
+                self.forward_masked(input_ids, &p.positions, Some(&mask))
+            }
+        }
     }
 
     /// Logits for tokens that follow the ones already in `cache`, which they are appended to.
@@ -312,7 +370,7 @@ impl Llama {
         let (cos, sin) = rope::tables(&Self::positions(input_ids, cache.len), &self.inv_freq);
         let mut x = self.embed_tokens.forward(input_ids);
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &cos, &sin, Some(slot));
+            x = layer.forward(&x, &cos, &sin, Some(slot), None);
         }
         cache.len += input_ids.size()[1];
         self.head(&x)
@@ -337,9 +395,42 @@ impl Llama {
     /// training loop divide by the token count of the whole global batch, so data parallel
     /// training gives exactly the gradient of one large batch.
     pub fn loss_sum(&self, input_ids: &Tensor, labels: &Tensor) -> (Tensor, i64) {
-        let loss = self.loss_of(&self.forward(input_ids), labels);
+        self.loss_sum_packed(input_ids, labels, None)
+    }
+
+    /// [`Llama::loss_sum`] over rows that may hold several samples.
+    pub fn loss_sum_packed(
+        &self,
+        input_ids: &Tensor,
+        labels: &Tensor,
+        packing: Option<&Packing>,
+    ) -> (Tensor, i64) {
+        let loss = self.loss_of(&self.forward_packed(input_ids, packing), labels);
         let count = labels.ne(IGNORE_INDEX).sum(Kind::Int64).int64_value(&[]);
         (loss, count)
+    }
+
+    /// Cross-entropy of every position (batch, seq), 0 where the label is ignored: per-sample
+    /// and per-task losses are sums over parts of it.
+    pub fn token_losses(
+        &self,
+        input_ids: &Tensor,
+        labels: &Tensor,
+        packing: Option<&Packing>,
+    ) -> Tensor {
+        let logits = self.forward_packed(input_ids, packing);
+        let shape = labels.size();
+        logits
+            .reshape([-1, self.vocab_size])
+            .to_kind(Kind::Float)
+            .cross_entropy_loss::<Tensor>(
+                &labels.reshape([-1]),
+                None,
+                Reduction::None,
+                IGNORE_INDEX,
+                0.0,
+            )
+            .reshape(shape)
     }
 
     /// Accumulates the gradient of `scale * loss_sum` into the parameters and returns the
@@ -352,14 +443,21 @@ impl Llama {
         &self,
         input_ids: &Tensor,
         labels: &Tensor,
+        packing: Option<&Packing>,
         scale: f64,
     ) -> f64 {
-        let (cos, sin) = rope::tables(&Self::positions(input_ids, 0), &self.inv_freq);
+        let positions = match packing {
+            Some(p) => p.positions.shallow_clone(),
+            None => Self::positions(input_ids, 0),
+        };
+        let mask = packing.map(|p| p.mask(self.sliding_window));
+        let mask = mask.as_ref();
+        let (cos, sin) = rope::tables(&positions, &self.inv_freq);
         let mut layer_inputs = Vec::with_capacity(self.layers.len());
         let hidden = tch::no_grad(|| {
             let mut x = self.embed_tokens.forward(input_ids);
             for layer in &self.layers {
-                let next = layer.forward(&x, &cos, &sin, None);
+                let next = layer.forward(&x, &cos, &sin, None, mask);
                 layer_inputs.push(x);
                 x = next;
             }
@@ -372,7 +470,7 @@ impl Llama {
         let mut upstream = hidden.grad();
         for (layer, input) in self.layers.iter().zip(layer_inputs).rev() {
             let input = input.set_requires_grad(true);
-            let out = layer.forward(&input, &cos, &sin, None);
+            let out = layer.forward(&input, &cos, &sin, None, mask);
             (out * &upstream).sum(Kind::Float).backward();
             upstream = input.grad();
         }

@@ -9,7 +9,7 @@ pub mod rope;
 
 pub use config::ModelConfig;
 pub use dtype::DType;
-pub use llama::{KvCache, Llama};
+pub use llama::{KvCache, Llama, Packing};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -1,11 +1,11 @@
 //! The model's tokenizer: `tokenizer.json` through the `tokenizers` crate, with the special
 //! tokens resolved as transformers resolves them: tokenizer_config.json's `bos_token` /
 //! `eos_token` / `pad_token` (a string or an AddedToken object) looked up in the vocabulary,
-//! falling back to config.json's `*_token_id`.
+//! falling back to config.json's `*_token_id` (the first of a list).
 
-use crate::data::DataError;
-use crate::model::ModelConfig;
+use crate::DataError;
 use serde_json::Value;
+use std::ops::Range;
 use std::path::Path;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -18,6 +18,8 @@ pub struct SpecialTokens {
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub special: SpecialTokens,
+    /// tokenizer_config.json (Null when the model has none): chat_template lives there.
+    pub config: Value,
 }
 
 fn token_text(value: Option<&Value>) -> Option<&str> {
@@ -26,6 +28,23 @@ fn token_text(value: Option<&Value>) -> Option<&str> {
         Value::Object(o) => o.get("content").and_then(Value::as_str),
         _ => None,
     }
+}
+
+fn read_json(path: &Path) -> Result<Value, DataError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| DataError::Tokenizer {
+            path: path.display().to_string(),
+            message: format!("invalid JSON: {e}"),
+        }),
+        Err(_) => Ok(Value::Null),
+    }
+}
+
+/// config.json's `<field>`: a number, or a list whose first entry is used (eos in Llama 3.1).
+fn config_id(config: &Value, field: &str) -> Option<u32> {
+    let v = config.get(field)?;
+    let v = v.as_array().and_then(|a| a.first()).unwrap_or(v);
+    v.as_u64().and_then(|id| u32::try_from(id).ok())
 }
 
 impl Tokenizer {
@@ -37,21 +56,17 @@ impl Tokenizer {
         Ok(Tokenizer {
             inner,
             special: SpecialTokens::default(),
+            config: Value::Null,
         })
     }
 
     /// tokenizer.json of a model directory, with its special tokens.
-    pub fn from_model_dir(dir: &Path, config: &ModelConfig) -> Result<Self, DataError> {
+    pub fn from_model_dir(dir: &Path) -> Result<Self, DataError> {
         let mut tokenizer = Self::from_file(&dir.join("tokenizer.json"))?;
         let config_path = dir.join("tokenizer_config.json");
-        let tok_config: Value = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| DataError::Tokenizer {
-                path: config_path.display().to_string(),
-                message: format!("invalid JSON: {e}"),
-            })?,
-            Err(_) => Value::Null,
-        };
-        let lookup = |field: &str, fallback: Option<i64>| -> Result<Option<u32>, DataError> {
+        let tok_config = read_json(&config_path)?;
+        let model_config = read_json(&dir.join("config.json"))?;
+        let lookup = |field: &str| -> Result<Option<u32>, DataError> {
             match token_text(tok_config.get(field)) {
                 Some(text) => tokenizer.inner.token_to_id(text).map(Some).ok_or_else(|| {
                     DataError::Tokenizer {
@@ -61,14 +76,15 @@ impl Tokenizer {
                         ),
                     }
                 }),
-                None => Ok(fallback.and_then(|id| u32::try_from(id).ok())),
+                None => Ok(config_id(&model_config, &format!("{field}_id"))),
             }
         };
         tokenizer.special = SpecialTokens {
-            bos: lookup("bos_token", config.bos_token_id)?,
-            eos: lookup("eos_token", config.eos_token_id())?,
-            pad: lookup("pad_token", config.pad_token_id)?,
+            bos: lookup("bos_token")?,
+            eos: lookup("eos_token")?,
+            pad: lookup("pad_token")?,
         };
+        tokenizer.config = tok_config;
         Ok(tokenizer)
     }
 
@@ -86,8 +102,29 @@ impl Tokenizer {
         self.encode_with(text, false)
     }
 
+    /// Token ids of `text` (no special tokens added) with the byte range each one came from.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<Vec<(u32, Range<usize>)>, String> {
+        let encoding = self.inner.encode(text, false).map_err(|e| e.to_string())?;
+        Ok(encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_offsets())
+            .map(|(&id, &(start, end))| (id, start..end))
+            .collect())
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
         self.inner.decode(ids, true).map_err(|e| e.to_string())
+    }
+
+    /// Decodes keeping special tokens (what a template wrote), for tests and reports.
+    pub fn decode_all(&self, ids: &[u32]) -> Result<String, String> {
+        self.inner.decode(ids, false).map_err(|e| e.to_string())
+    }
+
+    /// The text of a token id (special tokens included), as templates see `bos_token`.
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 }
 
@@ -100,25 +137,16 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny/base")
     }
 
-    fn config(json: serde_json::Value) -> ModelConfig {
-        let mut base = serde_json::json!({
-            "vocab_size": 259, "hidden_size": 8, "intermediate_size": 8,
-            "num_hidden_layers": 1, "num_attention_heads": 2
-        });
-        base.as_object_mut()
-            .unwrap()
-            .extend(json.as_object().unwrap().clone());
-        ModelConfig::from_json(base, "config.json").unwrap()
-    }
-
-    /// Copies the tiny tokenizer with the given tokenizer_config.json (None: no such file).
-    fn model_dir(tok_config: Option<serde_json::Value>) -> tempfile::TempDir {
+    /// Copies the tiny tokenizer with the given config.json and tokenizer_config.json (None: no
+    /// such file).
+    fn model_dir(config: Value, tok_config: Option<Value>) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::copy(
             tiny_base().join("tokenizer.json"),
             dir.path().join("tokenizer.json"),
         )
         .unwrap();
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
         if let Some(c) = tok_config {
             std::fs::write(dir.path().join("tokenizer_config.json"), c.to_string()).unwrap();
         }
@@ -129,11 +157,14 @@ mod tests {
     fn special_tokens_come_from_tokenizer_config_then_config_json() {
         let ids = serde_json::json!({"bos_token_id": 1, "eos_token_id": [2, 3], "pad_token_id": 4});
         // Strings and AddedToken objects are looked up in the vocabulary.
-        let dir = model_dir(Some(serde_json::json!({
-            "bos_token": "<|bos|>",
-            "eos_token": {"content": "<|eos|>", "special": true},
-        })));
-        let t = Tokenizer::from_model_dir(dir.path(), &config(ids.clone())).unwrap();
+        let dir = model_dir(
+            ids.clone(),
+            Some(serde_json::json!({
+                "bos_token": "<|bos|>",
+                "eos_token": {"content": "<|eos|>", "special": true},
+            })),
+        );
+        let t = Tokenizer::from_model_dir(dir.path()).unwrap();
         assert_eq!(
             t.special,
             SpecialTokens {
@@ -142,9 +173,10 @@ mod tests {
                 pad: Some(4)
             }
         );
+        assert_eq!(t.token_text(257).as_deref(), Some("<|eos|>"));
         // Without tokenizer_config.json, config.json's ids (the first of a list) are used.
-        let dir = model_dir(None);
-        let t = Tokenizer::from_model_dir(dir.path(), &config(ids)).unwrap();
+        let dir = model_dir(ids, None);
+        let t = Tokenizer::from_model_dir(dir.path()).unwrap();
         assert_eq!(
             t.special,
             SpecialTokens {
@@ -154,11 +186,26 @@ mod tests {
             }
         );
         // A token the vocabulary does not have is an error naming the field.
-        let dir = model_dir(Some(serde_json::json!({"eos_token": "</s>"})));
-        let err = Tokenizer::from_model_dir(dir.path(), &config(serde_json::json!({})))
+        let dir = model_dir(
+            serde_json::json!({}),
+            Some(serde_json::json!({"eos_token": "</s>"})),
+        );
+        let err = Tokenizer::from_model_dir(dir.path())
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("`eos_token`") && err.contains("</s>"), "{err}");
+    }
+
+    #[test]
+    fn offsets_cover_the_text_token_by_token() {
+        let dir = model_dir(serde_json::json!({}), None);
+        let t = Tokenizer::from_model_dir(dir.path()).unwrap();
+        let text = "ab <|eos|>c";
+        let pieces = t.encode_with_offsets(text).unwrap();
+        let ids: Vec<u32> = pieces.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, t.encode(text).unwrap());
+        let eos = pieces.iter().find(|(id, _)| *id == 257).unwrap();
+        assert_eq!(&text[eos.1.clone()], "<|eos|>");
     }
 }

@@ -1,0 +1,285 @@
+//! One line of a dataset: the three JSON Lines layouts and what makes a line unusable.
+//!
+//! - `text`: `{"text": "..."}`, continued pre-training on domain text;
+//! - `prompt_completion`: `{"prompt": "...", "completion": "..."}`;
+//! - `messages`: `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}`, the
+//!   Hugging Face / OpenAI chat layout.
+//!
+//! Parsing returns the first problem of a line as a message; the caller adds `file:line`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    Text,
+    PromptCompletion,
+    Messages,
+}
+
+impl Format {
+    pub const NAMES: [&'static str; 3] = ["text", "prompt_completion", "messages"];
+
+    pub fn from_name(name: &str) -> Option<Format> {
+        match name {
+            "text" => Some(Format::Text),
+            "prompt_completion" => Some(Format::PromptCompletion),
+            "messages" | "chat" => Some(Format::Messages),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Text => "text",
+            Format::PromptCompletion => "prompt_completion",
+            Format::Messages => "messages",
+        }
+    }
+
+    /// The layout of a JSON line, from its keys; None when it matches none of them.
+    pub fn detect(line: &str) -> Option<Format> {
+        let value: Value = serde_json::from_str(line).ok()?;
+        let o = value.as_object()?;
+        if o.contains_key("messages") {
+            Some(Format::Messages)
+        } else if o.contains_key("prompt") && o.contains_key("completion") {
+            Some(Format::PromptCompletion)
+        } else if o.contains_key("text") {
+            Some(Format::Text)
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Text(String),
+    PromptCompletion { prompt: String, completion: String },
+    Messages(Vec<Message>),
+}
+
+fn string_field(o: &serde_json::Map<String, Value>, field: &str) -> Result<String, String> {
+    match o.get(field) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(format!(
+            "field `{field}` must be a string, got {}",
+            kind_of(other)
+        )),
+        None => Err(format!("missing field `{field}`")),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn blank(s: &str) -> bool {
+    s.trim().is_empty()
+}
+
+fn message(i: usize, v: &Value) -> Result<Message, String> {
+    let o = v
+        .as_object()
+        .ok_or_else(|| format!("messages[{i}] must be an object with `role` and `content`"))?;
+    let role = string_field(o, "role").map_err(|e| format!("messages[{i}]: {e}"))?;
+    let role = match role.as_str() {
+        "system" => Role::System,
+        "user" => Role::User,
+        "assistant" => Role::Assistant,
+        other => {
+            return Err(format!(
+                "messages[{i}]: bad role `{other}`; expected system, user or assistant"
+            ))
+        }
+    };
+    let content = string_field(o, "content").map_err(|e| format!("messages[{i}]: {e}"))?;
+    Ok(Message { role, content })
+}
+
+/// Parses one non-blank line in the given layout.
+pub fn parse(line: &str, format: Format) -> Result<Record, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
+    let o = value
+        .as_object()
+        .ok_or_else(|| format!("expected a JSON object, got {}", kind_of(&value)))?;
+    match format {
+        Format::Text => {
+            let text = string_field(o, "text")?;
+            if blank(&text) {
+                return Err("`text` is empty or whitespace only".into());
+            }
+            Ok(Record::Text(text))
+        }
+        Format::PromptCompletion => {
+            let prompt = string_field(o, "prompt")?;
+            let completion = string_field(o, "completion")?;
+            if blank(&completion) {
+                return Err("`completion` (the answer) is empty or whitespace only".into());
+            }
+            Ok(Record::PromptCompletion { prompt, completion })
+        }
+        Format::Messages => {
+            let list = match o.get("messages") {
+                Some(Value::Array(list)) => list,
+                Some(other) => {
+                    return Err(format!(
+                        "field `messages` must be a list, got {}",
+                        kind_of(other)
+                    ))
+                }
+                None => return Err("missing field `messages`".into()),
+            };
+            let messages = list
+                .iter()
+                .enumerate()
+                .map(|(i, v)| message(i, v))
+                .collect::<Result<Vec<_>, _>>()?;
+            if !messages.iter().any(|m| m.role == Role::Assistant) {
+                return Err("conversation has no assistant turn, so there is nothing to learn; add the answer as a message with role `assistant`".into());
+            }
+            if let Some(i) = messages
+                .iter()
+                .position(|m| m.role == Role::Assistant && blank(&m.content))
+            {
+                return Err(format!(
+                    "messages[{i}]: assistant answer is empty or whitespace only"
+                ));
+            }
+            Ok(Record::Messages(messages))
+        }
+    }
+}
+
+/// The `text` of every non-blank line of a JSON Lines file (for scoring); the first bad line
+/// is an error naming file and line.
+pub fn read_texts(path: &std::path::Path) -> Result<Vec<String>, crate::DataError> {
+    use std::io::BufRead;
+    let shown = path.display().to_string();
+    let read_err = |source| crate::DataError::Read {
+        path: shown.clone(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut texts = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(read_err)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse(&line, Format::Text) {
+            Ok(Record::Text(t)) => texts.push(t),
+            Ok(_) => unreachable!("parse returns the requested layout"),
+            Err(message) => {
+                return Err(crate::DataError::Line {
+                    path: shown.clone(),
+                    line: i + 1,
+                    message,
+                })
+            }
+        }
+    }
+    Ok(texts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_layout_parses_and_detects() {
+        let chat =
+            r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}]}"#;
+        assert_eq!(Format::detect(chat), Some(Format::Messages));
+        assert_eq!(
+            Format::detect(r#"{"prompt":"a","completion":"b"}"#),
+            Some(Format::PromptCompletion)
+        );
+        assert_eq!(Format::detect(r#"{"text":"a"}"#), Some(Format::Text));
+        assert_eq!(Format::detect(r#"{"body":"a"}"#), None);
+        match parse(chat, Format::Messages).unwrap() {
+            Record::Messages(m) => {
+                assert_eq!(m.len(), 2);
+                assert_eq!(m[1].role, Role::Assistant);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_kind_of_bad_line_gets_its_own_message() {
+        let cases = [
+            (Format::Text, "{\"text\": ", "malformed JSON"),
+            (Format::Text, "[1]", "expected a JSON object, got a list"),
+            (Format::Text, r#"{"txt":"a"}"#, "missing field `text`"),
+            (
+                Format::Text,
+                r#"{"text":3}"#,
+                "must be a string, got a number",
+            ),
+            (Format::Text, r#"{"text":"  "}"#, "empty or whitespace"),
+            (
+                Format::PromptCompletion,
+                r#"{"prompt":"q","completion":"\n"}"#,
+                "`completion` (the answer) is empty",
+            ),
+            (
+                Format::Messages,
+                r#"{"messages":[{"role":"bot","content":"x"}]}"#,
+                "messages[0]: bad role `bot`",
+            ),
+            (
+                Format::Messages,
+                r#"{"messages":[{"role":"user","content":"x"}]}"#,
+                "no assistant turn",
+            ),
+            (
+                Format::Messages,
+                r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":" "}]}"#,
+                "messages[1]: assistant answer is empty",
+            ),
+            (
+                Format::Messages,
+                r#"{"messages":[{"role":"user"}]}"#,
+                "messages[0]: missing field `content`",
+            ),
+        ];
+        for (format, line, want) in cases {
+            let err = parse(line, format).unwrap_err();
+            assert!(err.contains(want), "{line}: got `{err}`, want `{want}`");
+        }
+    }
+}
