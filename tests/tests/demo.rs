@@ -62,6 +62,7 @@ fn tiny_example_fine_tunes_and_writes_a_loadable_checkpoint() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     assert!(wait_no_tagged(&run.tag, Duration::from_secs(5)).is_empty());
 
+    check_data_cursors(&root);
     check_generation(&ckpt, &tmp.path().join("base"));
     let Some(py) = python() else { return };
     check_score_against_transformers(&py, &ckpt, &tmp.path().join("data/eval.jsonl"));
@@ -96,6 +97,24 @@ print(len(w), cfg["model_type"], ",".join(sorted(f["path"] for f in manifest["fi
         ],
         "python saw: {report}"
     );
+}
+
+/// Each checkpoint's trainer_state.json holds the data stream's position after its step:
+/// steps × global batch (2 workers × 8) sequences drawn, all from the one dataset, first epoch.
+fn check_data_cursors(root: &std::path::Path) {
+    for step in [30u64, 60] {
+        let path = root.join(format!("step-{step:08}/training_state/trainer_state.json"));
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(state["step"], step);
+        let cursor = &state["data_cursor"];
+        assert_eq!(cursor["draws"], step * 16, "{path:?}: {cursor}");
+        assert_eq!(
+            cursor["tasks"],
+            serde_json::json!([{"epoch": 0, "position": step * 16}]),
+            "{path:?}"
+        );
+    }
 }
 
 fn worker(args: &[&str]) -> String {
