@@ -66,6 +66,7 @@ fn training_spec(c: &JobConfig) -> pb::TrainingSpec {
             path: path(&c.model_path),
             random_init: c.model_init == ModelInit::Random,
             activation_checkpointing: c.activation_checkpointing,
+            precision: c.precision.clone(),
         }),
         data: Some(pb::DataSpec {
             train_path: String::new(),

@@ -2,6 +2,7 @@
 //! stay in this module; the training loop sees [`Reporter`] and domain types only.
 
 use crate::model::DType;
+use crate::precision::Precision;
 use crate::spec::{DatasetSpec, Placement, TrainSpec};
 use crate::train::{EvalResult, Reporter, StepStats};
 use ferrotune_data::pack::Overlong;
@@ -209,6 +210,8 @@ fn spec_from_pb(s: pb::TrainingSpec) -> Result<TrainSpec, AgentError> {
         },
         checkpoint_max_shard_bytes: checkpoint.max_shard_bytes.max(1),
         activation_checkpointing: model.activation_checkpointing,
+        precision: Precision::from_name(&model.precision)
+            .ok_or(AgentError::Protocol("spec: unknown precision"))?,
         intra_op_threads: s.intra_op_threads as usize,
         collective_timeout: Duration::from_millis(s.collective_timeout_ms.max(1)),
         heartbeat_interval: Duration::from_millis(s.heartbeat_interval_ms.max(10)),

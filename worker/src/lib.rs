@@ -9,6 +9,7 @@ pub mod data;
 pub mod infer;
 pub mod model;
 pub mod optim;
+pub mod precision;
 pub mod run;
 pub mod spec;
 pub mod train;

@@ -53,7 +53,16 @@ impl AdamW {
         self.step
     }
 
+    /// One update from the parameters' own gradients.
     pub fn step(&mut self, lr: f64) {
+        let grads: Vec<Tensor> = self.params.iter().map(|p| p.param.grad()).collect();
+        self.step_with(lr, &grads);
+    }
+
+    /// One update from `grads`, one per parameter in order (undefined ones are skipped): the
+    /// fp32 gradients of a low-precision compute copy, for instance.
+    pub fn step_with(&mut self, lr: f64, grads: &[Tensor]) {
+        assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         self.step += 1;
         let c = &self.config;
         let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
@@ -61,20 +70,19 @@ impl AdamW {
         let step_size = lr / bias_correction1;
         let bias_correction2_sqrt = bias_correction2.sqrt();
         tch::no_grad(|| {
-            for p in &mut self.params {
-                let grad = p.param.grad();
+            for (p, grad) in self.params.iter_mut().zip(grads) {
                 if !grad.defined() {
                     continue;
                 }
                 if p.decay && c.weight_decay != 0.0 {
                     let _ = p.param.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 }
-                let _ = p.exp_avg.lerp_(&grad, 1.0 - c.beta1);
+                let _ = p.exp_avg.lerp_(grad, 1.0 - c.beta1);
                 // tch's addcmul_/addcdiv_ take no `value`, so the scale goes on one operand.
                 let _ = p
                     .exp_avg_sq
                     .g_mul_scalar_(c.beta2)
-                    .addcmul_(&(&grad * (1.0 - c.beta2)), &grad);
+                    .addcmul_(&(grad * (1.0 - c.beta2)), grad);
                 let denom = (p.exp_avg_sq.sqrt() / bias_correction2_sqrt) + c.eps;
                 let _ = p.param.addcdiv_(&(&p.exp_avg * -step_size), &denom);
             }

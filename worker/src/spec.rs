@@ -50,6 +50,7 @@ pub struct TrainSpec {
     pub checkpoint_max_shard_bytes: u64,
     /// Recompute decoder layers in backward rather than storing their activations.
     pub activation_checkpointing: bool,
+    pub precision: crate::precision::Precision,
     /// 0: divide this host's cores among its workers.
     pub intra_op_threads: usize,
     pub collective_timeout: Duration,

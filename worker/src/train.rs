@@ -8,8 +8,10 @@ use crate::checkpoint::{self, TrainerState, TrainingState};
 use crate::collective::{Collective, CollectiveError, ReduceOp};
 use crate::data::{self, DataError, Task};
 use crate::model::io::{LoadedModel, SaveOptions};
+use crate::model::Llama;
 use crate::model::{DType, ModelError};
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
+use crate::precision::{ComputeCopy, Precision};
 use crate::spec::{Placement, TrainSpec};
 use ferrotune_data::mixture::{rank_slice, Mixture};
 use ferrotune_data::Tokenizer;
@@ -93,7 +95,7 @@ fn mean(sum: f64, count: f64) -> f64 {
 /// Mean held-out loss per dataset (its first `max_sequences` held-out sequences, split over the
 /// ranks) and over all of them, reduced over all ranks. None when no dataset has a held-out set.
 fn evaluate(
-    model: &LoadedModel,
+    model: &Llama,
     tasks: &[Task],
     max_sequences: usize,
     batch: usize,
@@ -124,9 +126,7 @@ fn evaluate(
                     Device::Cpu,
                 );
                 let (loss, count) =
-                    model
-                        .model
-                        .loss_sum_packed(&b.input_ids, &b.labels, b.packing.as_ref());
+                    model.loss_sum_packed(&b.input_ids, &b.labels, b.packing.as_ref());
                 sums[2 * i] += loss.double_value(&[]);
                 sums[2 * i + 1] += count as f64;
             }
@@ -210,10 +210,14 @@ pub fn run(
             "data ready"
         );
     }
+    // Forward and backward run on `net`: the fp32 model itself, or its bf16 compute copy.
+    let compute =
+        (spec.precision == Precision::Bf16).then(|| ComputeCopy::new(&model, Kind::BFloat16));
+    let net: &Llama = compute.as_ref().map_or(&model.model, |c| &c.model);
     let eval_batch = spec.micro_batch_size;
     let run_eval = |collective: &mut dyn Collective| {
         evaluate(
-            &model,
+            net,
             &tasks,
             spec.eval_max_sequences,
             eval_batch,
@@ -291,19 +295,26 @@ pub fn run(
             let (x, y, packing) = (&b.input_ids, &b.labels, b.packing.as_ref());
             if spec.activation_checkpointing {
                 local_loss_sum +=
-                    model
-                        .model
-                        .loss_sum_backward_checkpointed(x, y, packing, 1.0 / global_tokens);
+                    net.loss_sum_backward_checkpointed(x, y, packing, 1.0 / global_tokens);
             } else {
-                let (loss_sum, _) = model.model.loss_sum_packed(x, y, packing);
+                let (loss_sum, _) = net.loss_sum_packed(x, y, packing);
                 local_loss_sum += loss_sum.double_value(&[]);
                 (loss_sum / global_tokens).backward();
             }
         }
-        let mut grads = optimizer.gradients();
+        let mut grads = match &compute {
+            Some(c) => c.take_grads(),
+            None => optimizer.gradients(),
+        };
         collective.all_reduce(&mut grads, ReduceOp::Sum)?;
         let grad_norm = clip_grad_norm(&grads, spec.grad_clip);
-        optimizer.step(lr);
+        match &compute {
+            Some(c) => {
+                optimizer.step_with(lr, &grads);
+                c.sync();
+            }
+            None => optimizer.step(lr),
+        }
         optimizer.zero_grad();
 
         let mut loss = [local_loss_sum];

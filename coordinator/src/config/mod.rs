@@ -72,6 +72,8 @@ struct ModelSection {
     init: ModelInit,
     #[serde(default)]
     activation_checkpointing: bool,
+    #[serde(default)]
+    precision: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,6 +201,8 @@ pub struct JobConfig {
     pub checkpoint_dtype: Option<String>,
     pub checkpoint_max_shard_bytes: u64,
     pub activation_checkpointing: bool,
+    /// "fp32", or "bf16": bf16 compute weights with fp32 master weights and optimizer state.
+    pub precision: String,
 }
 
 /// Reads and validates a cluster.yaml. Relative paths in it are relative to the file's directory.
@@ -443,6 +447,22 @@ impl Checks<'_> {
         }
 
         let data = self.data(&f.data, &checkpoint_dir);
+        let precision = match &f.model.precision {
+            None => "fp32".to_string(),
+            Some(p) => match p.value.as_str() {
+                "fp32" | "float32" => "fp32".to_string(),
+                "bf16" | "bfloat16" => "bf16".to_string(),
+                other => {
+                    self.push(
+                        p,
+                        "model.precision",
+                        format!("unknown precision `{other}`"),
+                        "use fp32, or bf16 (bf16 compute weights with fp32 master weights)",
+                    );
+                    "fp32".to_string()
+                }
+            },
+        };
 
         let checkpoint_dtype = f.checkpoint.dtype.as_ref().and_then(|d| {
             let canonical = match d.value.as_str() {
@@ -510,6 +530,7 @@ impl Checks<'_> {
             checkpoint_dtype,
             checkpoint_max_shard_bytes,
             activation_checkpointing: f.model.activation_checkpointing,
+            precision,
         }
     }
 }

@@ -280,3 +280,16 @@ fn data_section_mistakes_are_located() {
         "{issues:#?}"
     );
 }
+
+#[test]
+fn precision_is_fp32_by_default_and_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixture(tmp.path());
+    assert_eq!(parse(&base, tmp.path()).unwrap().precision, "fp32");
+    let bf16 = base.replace("  path: base\n", "  path: base\n  precision: bfloat16\n");
+    assert_eq!(parse(&bf16, tmp.path()).unwrap().precision, "bf16");
+    let bad = base.replace("  path: base\n", "  path: base\n  precision: fp8\n");
+    let issues = issues_for(&bad, tmp.path());
+    assert_eq!(issues[0].field, "model.precision");
+    assert!(issues[0].message.contains("unknown precision `fp8`"));
+}

@@ -1,0 +1,96 @@
+//! Mixed precision: bf16 compute weights, fp32 master weights and fp32 AdamW state.
+//!
+//! Forward and backward run on a bf16 copy of the model; its gradients are upcast to fp32,
+//! all-reduced, clipped and applied by AdamW to the fp32 masters, which are then cast back into
+//! the copy. Updates far smaller than a bf16 weight's precision (8 bits of mantissa: lr × a
+//! normalised Adam step is often below 2⁻⁸ of the weight) accumulate in the masters instead of
+//! rounding away. Checkpoints are written from the masters. (tch's autocast only toggles CUDA
+//! autocast at its default fp16, with no dtype setter; a cast copy needs nothing beyond tch.)
+
+use crate::model::io::LoadedModel;
+use crate::model::Llama;
+use tch::{nn, Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn from_name(name: &str) -> Option<Precision> {
+        match name {
+            "fp32" | "float32" | "" => Some(Precision::Fp32),
+            "bf16" | "bfloat16" => Some(Precision::Bf16),
+            _ => None,
+        }
+    }
+}
+
+/// The low-precision copy of a model that forward and backward run on.
+pub struct ComputeCopy {
+    _vs: nn::VarStore,
+    pub model: Llama,
+    /// (master, compute) in the masters' name order, which is the optimizer's.
+    pairs: Vec<(Tensor, Tensor)>,
+}
+
+impl ComputeCopy {
+    pub fn new(master: &LoadedModel, kind: Kind) -> Self {
+        let mut vs = nn::VarStore::new(master.vs.device());
+        let model = Llama::new(&vs.root(), &master.config);
+        vs.set_kind(kind);
+        let compute = vs.variables();
+        let pairs = master
+            .named_parameters()
+            .into_iter()
+            .map(|(name, m)| {
+                let c = compute[&name].shallow_clone();
+                (m, c)
+            })
+            .collect();
+        let copy = ComputeCopy {
+            _vs: vs,
+            model,
+            pairs,
+        };
+        copy.sync();
+        copy
+    }
+
+    /// The compute weights, in the masters' (and optimizer's) order.
+    pub fn model_parameters(&self) -> Vec<Tensor> {
+        self.pairs.iter().map(|(_, c)| c.shallow_clone()).collect()
+    }
+
+    /// Casts the masters into the compute weights (after every optimizer step).
+    pub fn sync(&self) {
+        tch::no_grad(|| {
+            for (m, c) in &self.pairs {
+                c.shallow_clone().copy_(m);
+            }
+        });
+    }
+
+    /// The compute weights' gradients upcast to fp32, in the optimizer's order; the compute
+    /// gradients are zeroed for the next step.
+    pub fn take_grads(&self) -> Vec<Tensor> {
+        tch::no_grad(|| {
+            self.pairs
+                .iter()
+                .map(|(m, c)| {
+                    let mut g = c.grad();
+                    let out = if g.defined() {
+                        g.to_kind(Kind::Float)
+                    } else {
+                        m.zeros_like()
+                    };
+                    if g.defined() {
+                        let _ = g.zero_();
+                    }
+                    out
+                })
+                .collect()
+        })
+    }
+}
