@@ -115,6 +115,29 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     ))
 }
 
+/// A tensor over `data` inside a memory-mapped file, without copying it, when the bytes are
+/// aligned for the element type (safetensors writers align them); otherwise a copy.
+fn mapped_tensor(data: &[u8], shape: &[i64], dtype: DType) -> Result<Tensor, tch::TchError> {
+    let size = dtype.size();
+    if data.len() != shape.iter().product::<i64>() as usize * size {
+        return Err(tch::TchError::Shape(format!(
+            "{} bytes for shape {shape:?}",
+            data.len()
+        )));
+    }
+    if !(data.as_ptr() as usize).is_multiple_of(size) {
+        return Tensor::f_from_data_size(data, shape, dtype.kind());
+    }
+    let mut strides = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    // SAFETY: `data` holds exactly numel × element-size bytes (checked above), aligned for the
+    // element type; the caller reads the tensor (copy_ into a parameter) and drops it before
+    // the map that backs `data` is unmapped, and nothing writes through it.
+    unsafe { Tensor::f_from_blob(data.as_ptr(), shape, &strides, dtype.kind(), Device::Cpu) }
+}
+
 /// Names that checkpoints carry but the model recomputes or shares: skipped on load.
 fn ignorable(name: &str, config: &ModelConfig) -> bool {
     name.ends_with(".rotary_emb.inv_freq")
@@ -127,7 +150,16 @@ impl LoadedModel {
     pub fn load(dir: &Path, random_init: bool, device: Device) -> Result<Self, ModelError> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let vs = nn::VarStore::new(device);
-        let model = Llama::new(&vs.root(), &config);
+        // Weights that a checkpoint will overwrite are created as zeros, not drawn.
+        let model = if random_init {
+            Llama::new(&vs.root(), &config)
+        } else {
+            let zeros = ModelConfig {
+                initializer_range: 0.0,
+                ..config.clone()
+            };
+            Llama::new(&vs.root(), &zeros)
+        };
         let loaded = LoadedModel { vs, model, config };
         if !random_init {
             tch::no_grad(|| loaded.load_weights(dir))?;
@@ -193,11 +225,12 @@ impl LoadedModel {
                         ),
                     ));
                 };
-                let tensor = Tensor::f_from_data_size(view.data(), &shape, dtype.kind())
+                let tensor = mapped_tensor(view.data(), &shape, dtype)
                     .map_err(|e| weights_err(&file, format!("tensor `{name}`: {e}")))?;
+                // copy_ converts dtype and device on the way, reading straight from the map.
                 let mut target = var.shallow_clone();
                 target
-                    .f_copy_(&tensor.to_kind(var.kind()).to_device(var.device()))
+                    .f_copy_(&tensor)
                     .map_err(|e| weights_err(&file, format!("tensor `{name}`: {e}")))?;
                 seen.insert(name.to_string());
             }

@@ -34,12 +34,23 @@ impl RmsNorm {
     }
 }
 
-fn linear(vs: nn::Path, in_dim: i64, out_dim: i64, std: f64, bias: bool) -> nn::Linear {
-    let config = nn::LinearConfig {
-        ws_init: nn::Init::Randn {
+/// N(0, std²), or zeros for std 0 (weights about to be overwritten from a checkpoint): tch
+/// draws N(0, std²) as `randn * std`, two full-size temporaries per tensor that the allocator
+/// keeps, which would double a loading model's peak memory for nothing.
+fn normal(std: f64) -> nn::Init {
+    if std == 0.0 {
+        nn::Init::Const(0.0)
+    } else {
+        nn::Init::Randn {
             mean: 0.0,
             stdev: std,
-        },
+        }
+    }
+}
+
+fn linear(vs: nn::Path, in_dim: i64, out_dim: i64, std: f64, bias: bool) -> nn::Linear {
+    let config = nn::LinearConfig {
+        ws_init: normal(std),
         // transformers initialises biases to zero.
         bs_init: bias.then_some(nn::Init::Const(0.0)),
         bias,
@@ -281,10 +292,7 @@ impl Llama {
             cfg.vocab_size,
             cfg.hidden_size,
             nn::EmbeddingConfig {
-                ws_init: nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: cfg.initializer_range,
-                },
+                ws_init: normal(cfg.initializer_range),
                 ..Default::default()
             },
         );
