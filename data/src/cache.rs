@@ -356,7 +356,11 @@ where
                     .ok()
                     .and_then(|t| t.elapsed().ok());
                 if age.is_some_and(|a| a > STALE_LOCK) {
-                    warn_stale(&lock);
+                    tracing::warn!(
+                        lock = %lock.display(),
+                        "cache lock untouched for {}s: its builder is gone, rebuilding",
+                        STALE_LOCK.as_secs()
+                    );
                     let _ = std::fs::remove_file(&lock);
                 } else {
                     std::thread::sleep(POLL);
@@ -365,14 +369,6 @@ where
             Err(e) => return Err(io_err(&lock)(e)),
         }
     }
-}
-
-fn warn_stale(lock: &Path) {
-    eprintln!(
-        "warning: {} was not touched for {}s; its builder is gone, rebuilding",
-        lock.display(),
-        STALE_LOCK.as_secs()
-    );
 }
 
 #[cfg(test)]
