@@ -384,18 +384,17 @@ impl Llama {
         self.head(&x)
     }
 
-    fn loss_of(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
+    /// Cross-entropy in fp32, summed or per position (flattened).
+    fn cross_entropy(&self, logits: &Tensor, labels: &Tensor, reduction: Reduction) -> Tensor {
         // reshape, not view: callers may pass labels sliced out of a longer window.
         logits
             .reshape([-1, self.vocab_size])
             .to_kind(Kind::Float)
-            .cross_entropy_loss::<Tensor>(
-                &labels.reshape([-1]),
-                None,
-                Reduction::Sum,
-                IGNORE_INDEX,
-                0.0,
-            )
+            .cross_entropy_loss::<Tensor>(&labels.reshape([-1]), None, reduction, IGNORE_INDEX, 0.0)
+    }
+
+    fn loss_of(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
+        self.cross_entropy(logits, labels, Reduction::Sum)
     }
 
     /// Summed cross-entropy over labelled positions and the number of those positions.
@@ -427,18 +426,8 @@ impl Llama {
         packing: Option<&Packing>,
     ) -> Tensor {
         let logits = self.forward_packed(input_ids, packing);
-        let shape = labels.size();
-        logits
-            .reshape([-1, self.vocab_size])
-            .to_kind(Kind::Float)
-            .cross_entropy_loss::<Tensor>(
-                &labels.reshape([-1]),
-                None,
-                Reduction::None,
-                IGNORE_INDEX,
-                0.0,
-            )
-            .reshape(shape)
+        self.cross_entropy(&logits, labels, Reduction::None)
+            .reshape(labels.size())
     }
 
     /// Accumulates the gradient of `scale * loss_sum` into the parameters and returns the
