@@ -185,28 +185,21 @@ fn saved_weights_load_back_identically() {
 #[test]
 fn unsupported_config_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("config.json"),
+    let refusal = |config: &str| {
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        LoadedModel::load(dir.path(), true, Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let err = refusal(
         r#"{"model_type": "gpt2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}"#,
-    )
-    .unwrap();
-    let err = LoadedModel::load(dir.path(), true, Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    );
     assert!(
         err.contains("`model_type`") && err.contains("gpt2"),
         "{err}"
     );
-    std::fs::write(
-        dir.path().join("config.json"),
-        r#"{"model_type": "llama", "vocab_size": 10}"#,
-    )
-    .unwrap();
-    let err = LoadedModel::load(dir.path(), true, Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = refusal(r#"{"model_type": "llama", "vocab_size": 10}"#);
     assert!(
         err.contains("`hidden_size`") && err.contains("missing"),
         "{err}"
