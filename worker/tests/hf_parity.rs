@@ -182,21 +182,15 @@ fn train_trajectory(case: &Case, failures: &mut Vec<String>) -> LoadedModel {
         );
     }
     for (name, p) in model.named_parameters() {
-        // The key bias only shifts each query's scores by a position-dependent rotation of a
-        // constant; most of its gradient cancels, so a few elements carry gradients made of
-        // fp32 rounding residue, which Adam's normalisation turns into full-size steps in
-        // either implementation. Measured: 7e-4 on Qwen2's MQA key bias, every other
-        // parameter of every case within 1e-4.
-        let bound = if name.ends_with("self_attn.k_proj.bias") {
-            1e-3
-        } else {
-            1e-4
-        };
+        // The goldens use transformers' SDPA attention, the kernel we call. Against its eager
+        // attention the Qwen2 MQA key bias lands 7e-4 away after 10 steps, in torch itself: that
+        // bias's gradient mostly cancels, and Adam turns the kernels' different fp32 rounding
+        // residue into full-size steps.
         check(
             failures,
             format!("{} parameter {name} after {steps} AdamW steps", case.name),
             rel_err(&p, case.g(&format!("final.{name}"))),
-            bound,
+            1e-4,
         );
     }
     model

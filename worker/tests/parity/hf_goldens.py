@@ -91,9 +91,12 @@ def make_case(out_dir, name, case, seed):
         model.to(dtype)
     model.save_pretrained(model_dir, **save)
     # The reference is the checkpoint as transformers loads it in fp32 (weights upcast, rotary
-    # buffers recomputed), not the in-memory model that wrote it.
+    # buffers recomputed), not the in-memory model that wrote it. Attention is transformers'
+    # default, SDPA: the kernel ferrotune calls. The eager path (matmul, softmax, matmul) is the
+    # same function with other fp32 rounding, and on Qwen2's MQA key bias torch's own eager and
+    # SDPA trajectories differ by 7e-4 relative after 10 AdamW steps (see hf_parity.rs).
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager")
+        model_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.eval()
 
     goldens = {}

@@ -18,7 +18,7 @@ def main():
         jobs = json.load(f)
     for job in jobs:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            job["model_dir"], dtype=torch.float32, attn_implementation="eager")
+            job["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
         model.eval()
         ids = load_file(job["ids"])["input_ids"]
         with torch.no_grad():
