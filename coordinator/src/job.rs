@@ -33,7 +33,10 @@ pub struct StepMetrics {
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
+    /// Learned (labelled) tokens.
     pub tokens: u64,
+    /// Non-padding tokens read, prompts included.
+    pub input_tokens: u64,
     pub step_seconds: f64,
 }
 

@@ -43,19 +43,27 @@ impl Progress {
     }
 
     pub fn step(&mut self, m: &StepMetrics) {
-        let tokens_per_s = if m.step_seconds > 0.0 {
-            m.tokens as f64 / m.step_seconds
-        } else {
-            0.0
+        let per_s = |n: u64| {
+            if m.step_seconds > 0.0 {
+                n as f64 / m.step_seconds
+            } else {
+                0.0
+            }
         };
+        // Throughput counts every token read, as torchrun scripts do; with answer-only loss
+        // masks fewer tokens are learned, and then those are shown too.
+        let mut rate = format!("{:.0} tok/s", per_s(m.input_tokens));
+        if m.tokens != m.input_tokens {
+            rate += &format!(" ({:.0} learned/s)", per_s(m.tokens));
+        }
         if let Some(bar) = &self.bar {
             bar.set_position(m.step);
-            bar.set_message(format!("loss {:.4} | {:.0} tok/s", m.loss, tokens_per_s));
+            bar.set_message(format!("loss {:.4} | {rate}", m.loss));
         }
         if m.step.is_multiple_of(self.log_every) || m.step == self.total_steps {
             self.line(format!(
-                "step {:>5}/{} | loss {:.4} | lr {:.3e} | grad_norm {:.3} | {:.0} tok/s",
-                m.step, self.total_steps, m.loss, m.lr, m.grad_norm, tokens_per_s
+                "step {:>5}/{} | loss {:.4} | lr {:.3e} | grad_norm {:.3} | {rate}",
+                m.step, self.total_steps, m.loss, m.lr, m.grad_norm
             ));
         }
     }

@@ -214,6 +214,7 @@ impl Coordinator for Service {
             lr: r.lr,
             grad_norm: r.grad_norm,
             tokens: r.tokens,
+            input_tokens: r.input_tokens,
             step_seconds: r.step_seconds,
         };
         self.ack(Event::StepReported {

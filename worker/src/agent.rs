@@ -241,6 +241,7 @@ impl Reporter for GrpcReporter {
             lr: s.lr,
             grad_norm: s.grad_norm,
             tokens: s.tokens,
+            input_tokens: s.input_tokens,
             step_seconds: s.step_seconds,
         };
         if let Err(e) = self

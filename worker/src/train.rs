@@ -26,7 +26,10 @@ pub struct StepStats {
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
+    /// Learned (labelled) tokens, over all ranks.
     pub tokens: u64,
+    /// Non-padding tokens read, over all ranks.
+    pub input_tokens: u64,
     pub step_seconds: f64,
 }
 
@@ -285,8 +288,11 @@ pub fn run(
             .collect();
         // Divide by the labelled tokens of the whole global batch, not per rank: then summing
         // the ranks' gradients gives exactly the gradient of the global batch's mean loss.
-        let local_tokens: i64 = batches.iter().map(|b| b.label_count).sum();
-        let mut counts = [local_tokens as f64];
+        let mut counts = [0.0, 0.0];
+        for b in &batches {
+            counts[0] += b.label_count as f64;
+            counts[1] += b.input_count as f64;
+        }
         collective.all_reduce_scalars(&mut counts, ReduceOp::Sum)?;
         let global_tokens = counts[0].max(1.0);
 
@@ -325,6 +331,7 @@ pub fn run(
             lr,
             grad_norm,
             tokens: global_tokens as u64,
+            input_tokens: counts[1] as u64,
             step_seconds: started.elapsed().as_secs_f64(),
         };
         summary.last_loss = stats.loss;

@@ -77,10 +77,12 @@ fn per_sample_losses(model: &LoadedModel, cache: &TokenCache) -> Vec<(f64, i64)>
     let losses = Vec::<f64>::try_from(losses.to_kind(Kind::Double).reshape([-1])).unwrap();
     let labels = Vec::<i64>::try_from(b.labels.reshape([-1])).unwrap();
     let mut out = Vec::new();
+    let mut read = 0;
     for (r, samples) in rows.iter().enumerate() {
         let mut at = r * SEQ_LEN;
         for (tokens, _) in samples {
             let n = tokens.len() - 1;
+            read += n as i64;
             let (mut sum, mut count) = (0.0, 0);
             for i in at..at + n {
                 if labels[i] != -100 {
@@ -92,6 +94,10 @@ fn per_sample_losses(model: &LoadedModel, cache: &TokenCache) -> Vec<(f64, i64)>
             at += n;
         }
     }
+    // The counts behind the step lines' tok/s and learned/s: padding is neither.
+    assert_eq!(b.input_count, read, "tokens read");
+    let learned: i64 = out.iter().map(|(_, n)| n).sum();
+    assert_eq!(b.label_count, learned, "learned tokens");
     out
 }
 

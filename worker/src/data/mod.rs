@@ -16,6 +16,8 @@ pub struct Batch {
     pub packing: Option<Packing>,
     /// Positions with a label.
     pub label_count: i64,
+    /// Positions holding a token rather than padding.
+    pub input_count: i64,
 }
 
 /// A batch of `rows` (each the samples of one sequence) padded to `seq_len`.
@@ -27,7 +29,7 @@ pub fn batch(rows: &[Vec<SampleView<'_>>], seq_len: usize, pad_id: u32, device: 
     // Padding gets segment -1: it attends only to padding, never to a sample.
     let mut segments = vec![-1i64; n];
     let mut packed = false;
-    let mut label_count = 0;
+    let (mut label_count, mut input_count) = (0, 0);
     for (r, samples) in rows.iter().enumerate() {
         packed |= samples.len() > 1;
         let mut at = r * seq_len;
@@ -47,6 +49,7 @@ pub fn batch(rows: &[Vec<SampleView<'_>>], seq_len: usize, pad_id: u32, device: 
                 segments[at + i] = segment as i64;
             }
             at += inputs;
+            input_count += inputs as i64;
         }
     }
     let shape = [rows.len() as i64, seq_len as i64];
@@ -59,6 +62,7 @@ pub fn batch(rows: &[Vec<SampleView<'_>>], seq_len: usize, pad_id: u32, device: 
             segments: tensor(&segments),
         }),
         label_count,
+        input_count,
     }
 }
 
