@@ -1,5 +1,5 @@
 //! ferrotune's data pipeline, shared by the coordinator (validation, cache building) and the
-//! workers (reading the cache): JSON Lines records → chat template → tokens with loss-mask
+//! workers (reading the cache): JSON Lines or Parquet records → chat template → tokens with loss-mask
 //! flags → packed sequences → a memory-mapped cache in shared storage → a weighted, seeded,
 //! resumable mixture over datasets. No libtorch here; the worker turns sequences into tensors.
 
@@ -10,6 +10,7 @@ pub mod mixture;
 pub mod pack;
 pub mod prepare;
 pub mod record;
+pub mod source;
 pub mod tokenizer;
 
 pub use tokenizer::{SpecialTokens, Tokenizer};
@@ -31,6 +32,8 @@ pub enum DataError {
     Tokenizer { path: String, message: String },
     #[error("{path}: {message}")]
     Cache { path: String, message: String },
+    #[error("{path}: {message}")]
+    Parquet { path: String, message: String },
     #[error("{0}")]
     Rejected(String),
 }

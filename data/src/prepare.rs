@@ -1,19 +1,20 @@
-//! One streaming pass over a dataset file: parse and check every line, encode, pack into a sink
-//! (the cache, or nothing when only validating) and gather the summary that `coordinator
-//! validate` prints. Memory stays bounded whatever the file size: one line at a time, a length
-//! histogram, and 12 bytes per distinct line for exact-duplicate detection.
+//! One streaming pass over a dataset file (JSON Lines, or Parquet rows as JSON: see `source`):
+//! parse and check every line, encode, pack into a sink (the cache, or nothing when only
+//! validating) and gather the summary that `coordinator validate` prints. Memory stays bounded
+//! whatever the file size: a chunk of lines at a time, a length histogram, and 12 bytes per
+//! distinct line for exact-duplicate detection.
 
 use crate::cache::{digest_parts, ensure, file_digest, Outcome as Built, TokenCache};
 use crate::chat::ChatTemplate;
 use crate::encode::Encoder;
 use crate::pack::{PackOptions, PackStats, Packer, Placed, SequenceSink};
 use crate::record::{self, Format};
+use crate::source::Records;
 use crate::{DataError, Tokenizer};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::io::BufRead;
 use std::path::Path;
 
 /// Located problems kept per dataset for printing; the counts are always exact.
@@ -156,12 +157,7 @@ pub fn prepare(
 ) -> Result<Report, DataError> {
     let path = recipe.data;
     let shown = path.display().to_string();
-    let read_err = |source| DataError::Read {
-        path: shown.clone(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(read_err)?;
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut records = Records::open(path)?;
     let encoder = recipe.encoder();
     let mut packer = Packer::new(recipe.pack);
     let mut report = Report {
@@ -199,14 +195,7 @@ pub fn prepare(
     // duplicates and packed in file order: the cache does not depend on the thread count.
     let mut chunk: Vec<Vec<u8>> = Vec::with_capacity(CHUNK_LINES);
     loop {
-        chunk.clear();
-        while chunk.len() < CHUNK_LINES {
-            let mut bytes = Vec::new();
-            if reader.read_until(b'\n', &mut bytes).map_err(read_err)? == 0 {
-                break;
-            }
-            chunk.push(bytes);
-        }
+        records.next_chunk(&mut chunk, CHUNK_LINES)?;
         if chunk.is_empty() {
             break;
         }

@@ -1,4 +1,5 @@
-//! One line of a dataset: the three JSON Lines layouts and what makes a line unusable.
+//! One line of a dataset (or one Parquet row, as JSON): the three layouts and what makes a line
+//! unusable.
 //!
 //! - `text`: `{"text": "..."}`, continued pre-training on domain text;
 //! - `prompt_completion`: `{"prompt": "...", "completion": "..."}`;
@@ -184,32 +185,26 @@ pub fn parse(line: &str, format: Format) -> Result<Record, String> {
     }
 }
 
-/// The `text` of every non-blank line of a JSON Lines file (for scoring); the first bad line
-/// is an error naming file and line.
+/// The `text` of every non-blank record of a JSON Lines or Parquet file (for scoring); the
+/// first bad one is an error naming file and line (row).
 pub fn read_texts(path: &std::path::Path) -> Result<Vec<String>, crate::DataError> {
-    use std::io::BufRead;
-    let shown = path.display().to_string();
-    let read_err = |source| crate::DataError::Read {
-        path: shown.clone(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut records = crate::source::Records::open(path)?;
     let mut texts = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(read_err)?;
-        if line.trim().is_empty() {
+    let mut line = 0;
+    while let Some(bytes) = records.next_record()? {
+        line += 1;
+        let bad = |message: String| crate::DataError::Line {
+            path: path.display().to_string(),
+            line,
+            message,
+        };
+        let text = std::str::from_utf8(&bytes).map_err(|_| bad("not valid UTF-8".into()))?;
+        if text.trim().is_empty() {
             continue;
         }
-        match parse(&line, Format::Text) {
-            Ok(Record::Text(t)) => texts.push(t),
-            Ok(_) => unreachable!("parse returns the requested layout"),
-            Err(message) => {
-                return Err(crate::DataError::Line {
-                    path: shown.clone(),
-                    line: i + 1,
-                    message,
-                })
-            }
+        match parse(text, Format::Text).map_err(bad)? {
+            Record::Text(t) => texts.push(t),
+            _ => unreachable!("parse returns the requested layout"),
         }
     }
     Ok(texts)

@@ -5,8 +5,8 @@ use super::{defaults, Checks, Spanned};
 use ferrotune_data::chat::ChatTemplate;
 use ferrotune_data::pack::Overlong;
 use ferrotune_data::record::Format;
+use ferrotune_data::source::Records;
 use serde::Deserialize;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Deserialize)]
@@ -73,23 +73,24 @@ pub struct DataConfig {
     pub cache_dir: PathBuf,
 }
 
-/// The layout of a JSON Lines file, from its first non-blank line.
-fn sniff(path: &Path) -> Option<Format> {
-    let file = std::fs::File::open(path).ok()?;
-    let line = std::io::BufReader::new(file)
-        .lines()
-        .map_while(Result::ok)
-        .find(|l| !l.trim().is_empty())?;
-    Format::detect(&line)
+/// The layout of a dataset, from its first non-blank line (Parquet: first row); Err says why
+/// the file cannot be read.
+fn sniff(path: &Path) -> Result<Option<Format>, String> {
+    match Records::first(path) {
+        Ok(first) => Ok(first.as_deref().and_then(Format::detect)),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl Checks<'_> {
+    /// The `format:` given at `field`, or the one the file at `at` (named `path_field`) shows.
     fn format(
         &mut self,
         given: Option<&Spanned<String>>,
+        field: &str,
         path: &Path,
         at: &Spanned<String>,
-        field: &str,
+        path_field: &str,
     ) -> Format {
         match given {
             Some(f) => Format::from_name(&f.value).unwrap_or_else(|| {
@@ -101,20 +102,26 @@ impl Checks<'_> {
                 );
                 Format::Text
             }),
-            None => sniff(path).unwrap_or_else(|| {
-                if path.is_file() {
+            None if !path.is_file() => Format::Text,
+            None => match sniff(path) {
+                Ok(Some(format)) => format,
+                Ok(None) => {
                     self.push(
                         at,
                         field,
                         format!(
-                            "cannot tell the layout of {} from its first line",
+                            "cannot tell the layout of {} from its first line (Parquet: row)",
                             path.display()
                         ),
                         "set `format:` to text, prompt_completion or messages",
                     );
+                    Format::Text
                 }
-                Format::Text
-            }),
+                Err(e) => {
+                    self.push(at, path_field, e, "check the file, or point to another");
+                    Format::Text
+                }
+            },
         }
     }
 
@@ -124,7 +131,8 @@ impl Checks<'_> {
         match (&d.train, &d.datasets) {
             (Some(train), None) => {
                 let path = self.existing(train, "data.train", false);
-                let format = self.format(d.format.as_ref(), &path, train, "data.format");
+                let format =
+                    self.format(d.format.as_ref(), "data.format", &path, train, "data.train");
                 let eval_path = d
                     .eval
                     .as_ref()
@@ -145,7 +153,13 @@ impl Checks<'_> {
                 for (i, ds) in list.iter().enumerate() {
                     let field = |f: &str| format!("data.datasets[{i}].{f}");
                     let path = self.existing(&ds.path, &field("path"), false);
-                    let format = self.format(ds.format.as_ref(), &path, &ds.path, &field("format"));
+                    let format = self.format(
+                        ds.format.as_ref(),
+                        &field("format"),
+                        &path,
+                        &ds.path,
+                        &field("path"),
+                    );
                     let weight = self.finite_at_least(&ds.weight, &field("weight"), 0.0, true);
                     let eval_path = ds
                         .eval

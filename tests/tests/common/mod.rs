@@ -251,7 +251,6 @@ impl Drop for Launch {
     }
 }
 
-/// Runs a Python snippet with the test interpreter; returns its stdout.
 /// Runs `cmd` to completion and returns its stdout; a failure panics with its stderr.
 pub fn stdout_of(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
@@ -263,6 +262,7 @@ pub fn stdout_of(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs a Python snippet with the test interpreter; returns its stdout.
 pub fn run_python(python: &Path, code: &str, args: &[&str]) -> String {
     stdout_of(Command::new(python).arg("-c").arg(code).args(args))
 }
