@@ -1,6 +1,7 @@
 //! Parquet datasets, written by pyarrow as pandas and `datasets` write them: the same records as
 //! JSON Lines give the same report and byte-identical caches in all three layouts, a job trains
-//! on them, and bad rows, damaged files and codecs we do not build get clear messages.
+//! on them, `worker score` reads them, and bad rows, damaged files and codecs we do not build
+//! get clear messages.
 
 mod common;
 use common::*;
