@@ -1,7 +1,7 @@
 //! ferrotune's data pipeline, shared by the coordinator (validation, cache building) and the
-//! workers (reading the cache): JSON Lines or Parquet records → chat template → tokens with loss-mask
-//! flags → packed sequences → a memory-mapped cache in shared storage → a weighted, seeded,
-//! resumable mixture over datasets. No libtorch here; the worker turns sequences into tensors.
+//! workers (reading the cache): JSON Lines or Parquet records → chat template → tokens with
+//! loss-mask flags → packed sequences → a memory-mapped cache in shared storage → a weighted,
+//! seeded, resumable mixture over datasets. No libtorch here; the worker turns sequences into tensors.
 
 pub mod cache;
 pub mod chat;
