@@ -114,6 +114,9 @@ pub async fn run(
         Instant::now(),
     );
     let mut progress = Progress::new(config.steps, config.log_every_steps as u64);
+    if let Some(r) = &config.resume {
+        progress.resumed(r.step, &r.dir);
+    }
     if let Err(e) = launcher.spawn(&plan, launcher_tx) {
         launcher.stop_all(STOP_GRACE).await;
         let _ = shutdown_tx.send(());

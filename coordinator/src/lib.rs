@@ -1,7 +1,8 @@
 //! ferrotune's coordinator: a small control plane that never links libtorch.
 //!
 //! `config` reads cluster.yaml, `job` decides (a pure state machine), `driver` does the IO around
-//! it with `server` (gRPC edge), `launcher` (worker processes) and `checkpoint` (commits).
+//! it with `server` (gRPC edge), `launcher` (worker processes) and `checkpoint` (commits);
+//! `resume` picks and checks the checkpoint a relaunched job continues from.
 
 pub mod checkpoint;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod driver;
 pub mod job;
 pub mod launcher;
 pub mod progress;
+pub mod resume;
 pub mod server;
 
 use std::path::PathBuf;

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ferrotune_coordinator::{
-    config, datacheck, driver, job::Outcome, launcher, resolve_worker_binary,
+    config, datacheck, driver, job::Outcome, launcher, resolve_worker_binary, resume,
 };
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -31,7 +31,13 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Validate the config, start the workers and run the fine-tuning job.
-    Launch { config: PathBuf },
+    Launch {
+        config: PathBuf,
+        /// Continue from a committed checkpoint: its weights, optimizer state, step and data
+        /// position. Without a value: the newest one under checkpoint.dir.
+        #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = resume::LATEST)]
+        resume: Option<String>,
+    },
     /// Check a config and every line of its datasets without starting anything.
     Validate { config: PathBuf },
 }
@@ -100,11 +106,20 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Launch { config } => {
-            let c = match load(&config) {
+        Command::Launch { config, resume } => {
+            let mut c = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if let Some(requested) = resume {
+                match resume::choose(&c, &requested) {
+                    Ok(r) => c.resume = Some(r),
+                    Err(message) => {
+                        eprintln!("error: {message}");
+                        return ExitCode::from(EXIT_BAD_INPUT);
+                    }
+                }
+            }
             if let Err(code) = check_data(&c, true) {
                 return code;
             }

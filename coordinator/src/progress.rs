@@ -35,6 +35,19 @@ impl Progress {
         }
     }
 
+    /// The job continues at step + 1 of `dir`.
+    pub fn resumed(&self, step: u64, dir: &std::path::Path) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(step);
+            bar.reset_eta();
+        }
+        self.line(format!(
+            "resuming from {} (step {step}/{})",
+            dir.display(),
+            self.total_steps
+        ));
+    }
+
     fn line(&self, text: String) {
         match &self.bar {
             Some(bar) => bar.println(text),

@@ -209,6 +209,8 @@ fn spec_from_pb(s: pb::TrainingSpec) -> Result<TrainSpec, AgentError> {
             ),
         },
         checkpoint_max_shard_bytes: checkpoint.max_shard_bytes.max(1),
+        resume_from: (!checkpoint.resume_from.is_empty())
+            .then(|| PathBuf::from(&checkpoint.resume_from)),
         activation_checkpointing: model.activation_checkpointing,
         precision: Precision::from_name(&model.precision)
             .ok_or(AgentError::Protocol("spec: unknown precision"))?,

@@ -5,14 +5,22 @@
 //!   config.json, model*.safetensors (+ index), tokenizer files   the fine-tuned model
 //!   training_state/optimizer.safetensors                AdamW exp_avg / exp_avg_sq per parameter
 //!   training_state/trainer_state.json                   step, data cursor, schedule, seed
+//!   training_state/master_weights.safetensors           fp32 weights, when the model files are
+//!                                                       saved in a narrower dtype (exact resume)
 
 use crate::model::io::{LoadedModel, SaveOptions};
+use crate::model::DType;
 use crate::optim::AdamW;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
-#[derive(Debug, Serialize)]
+pub const TRAINING_STATE: &str = "training_state";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const MASTERS_FILE: &str = "master_weights.safetensors";
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct TrainerState {
     pub step: u64,
     /// Where the data stream stands after `step`: resuming restores it in O(1).
@@ -59,6 +67,16 @@ fn io<'a>(
     }
 }
 
+fn write_tensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<(), CheckpointError> {
+    let named: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(n, t)| (n, t.to_device(Device::Cpu).contiguous()))
+        .collect();
+    Tensor::write_safetensors(&named, path)
+        .map_err(|e| CheckpointError::Tensor(format!("{}: {e}", path.display())))?;
+    sync_file(path)
+}
+
 fn sync_file(path: &Path) -> Result<(), CheckpointError> {
     std::fs::File::open(path)
         .and_then(|f| f.sync_all())
@@ -102,7 +120,7 @@ pub fn write_staging(
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(io("clear", &staging))?;
     }
-    let training_state = staging.join("training_state");
+    let training_state = staging.join(TRAINING_STATE);
     std::fs::create_dir_all(&training_state).map_err(io("create", &training_state))?;
 
     let written = model
@@ -115,16 +133,15 @@ pub fn write_staging(
         record_chat_template(&staging, template)?;
     }
 
-    let opt_path = training_state.join("optimizer.safetensors");
-    let named: Vec<(String, Tensor)> = optimizer
-        .state_tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.to_device(Device::Cpu).contiguous()))
-        .collect();
-    Tensor::write_safetensors(&named, &opt_path)
-        .map_err(|e| CheckpointError::Tensor(format!("{}: {e}", opt_path.display())))?;
-    sync_file(&opt_path)?;
-    let state_path = training_state.join("trainer_state.json");
+    write_tensors(
+        &training_state.join(OPTIMIZER_FILE),
+        optimizer.state_tensors(),
+    )?;
+    if save.dtype != DType::F32 {
+        // The model files hold rounded weights; resuming from them would not be exact.
+        write_tensors(&training_state.join(MASTERS_FILE), model.named_parameters())?;
+    }
+    let state_path = training_state.join(STATE_FILE);
     let json = serde_json::to_vec_pretty(state).expect("trainer state serialises");
     std::fs::write(&state_path, json).map_err(io("write", &state_path))?;
     sync_file(&state_path)?;

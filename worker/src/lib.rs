@@ -10,6 +10,7 @@ pub mod infer;
 pub mod model;
 pub mod optim;
 pub mod precision;
+pub mod resume;
 pub mod run;
 pub mod spec;
 pub mod train;

@@ -102,6 +102,41 @@ impl AdamW {
         out
     }
 
+    /// Restores what `state_tensors` saved, and the step count: the next update is the one the
+    /// saved optimizer would have made. Every moment must be there with its parameter's shape.
+    pub fn load_state(
+        &mut self,
+        mut saved: std::collections::HashMap<String, Tensor>,
+        step: u64,
+    ) -> Result<(), String> {
+        for p in &mut self.params {
+            for (prefix, moment) in [
+                ("exp_avg", &mut p.exp_avg),
+                ("exp_avg_sq", &mut p.exp_avg_sq),
+            ] {
+                let key = format!("{prefix}.{}", p.name);
+                let t = saved
+                    .remove(&key)
+                    .ok_or_else(|| format!("`{key}` is missing"))?;
+                if t.size() != moment.size() || t.kind() != moment.kind() {
+                    return Err(format!(
+                        "`{key}` is {:?} {:?}, the parameter {:?} {:?}",
+                        t.kind(),
+                        t.size(),
+                        moment.kind(),
+                        moment.size()
+                    ));
+                }
+                tch::no_grad(|| moment.copy_(&t));
+            }
+        }
+        if let Some(extra) = saved.keys().next() {
+            return Err(format!("`{extra}` belongs to no parameter of this model"));
+        }
+        self.step = step;
+        Ok(())
+    }
+
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
             p.param.zero_grad();

@@ -48,6 +48,8 @@ pub struct TrainSpec {
     /// On-disk dtype of checkpoints; None keeps the base model's (float32 if it names none).
     pub checkpoint_dtype: Option<DType>,
     pub checkpoint_max_shard_bytes: u64,
+    /// A committed checkpoint to continue from: weights, optimizer state, step, data cursor.
+    pub resume_from: Option<PathBuf>,
     /// Recompute decoder layers in backward rather than storing their activations.
     pub activation_checkpointing: bool,
     pub precision: crate::precision::Precision,

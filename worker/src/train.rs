@@ -12,6 +12,7 @@ use crate::model::Llama;
 use crate::model::{DType, ModelError};
 use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
 use crate::precision::{ComputeCopy, Precision};
+use crate::resume;
 use crate::spec::{Placement, TrainSpec};
 use ferrotune_data::mixture::{rank_slice, Mixture};
 use ferrotune_data::Tokenizer;
@@ -194,14 +195,17 @@ pub fn run(
     let device = Device::Cpu;
     // Same seed on every rank: a random init is identical everywhere.
     tch::manual_seed(spec.seed as i64);
-    let model = LoadedModel::load(&spec.model_path, spec.random_init, device)?;
+    // A resumed job loads the checkpoint, a Hugging Face model directory like any other.
+    let model = match &spec.resume_from {
+        Some(dir) => LoadedModel::load(dir, false, device)?,
+        None => LoadedModel::load(&spec.model_path, spec.random_init, device)?,
+    };
     check_same_start(&model, collective)?;
     let tokenizer = Tokenizer::from_model_dir(&spec.model_path)?;
     let pad_id = tokenizer.special.pad.or(tokenizer.special.eos).unwrap_or(0);
     let tasks = data::load_tasks(spec, &tokenizer)?;
     let sizes: Vec<usize> = tasks.iter().map(|t| t.train.len()).collect();
     let weights: Vec<f64> = tasks.iter().map(|t| t.weight).collect();
-    let mut mixture = Mixture::new(spec.seed, &sizes, &weights).map_err(TrainError::Setup)?;
     let global_batch = placement.world_size * spec.micro_batch_size * spec.grad_accum_steps;
     for t in &tasks {
         tracing::info!(
@@ -239,6 +243,22 @@ pub fn run(
             weight_decay: spec.weight_decay,
         },
     );
+    let (start, mut mixture) = match &spec.resume_from {
+        None => (
+            0,
+            Mixture::new(spec.seed, &sizes, &weights).map_err(TrainError::Setup)?,
+        ),
+        Some(dir) => {
+            let state = resume::restore(dir, &model, &mut optimizer)?;
+            // The bf16 copy was cast from the weights before the masters were restored.
+            if let Some(c) = &compute {
+                c.sync();
+            }
+            let mixture = Mixture::resume(spec.seed, &sizes, &weights, state.data_cursor)
+                .map_err(|e| TrainError::Checkpoint(format!("resume: {e}")))?;
+            (state.step, mixture)
+        }
+    };
     let is_writer = placement.rank == 0;
     let mut summary = TrainSummary {
         eval_before: None,
@@ -248,14 +268,20 @@ pub fn run(
     };
 
     if let Some(result) = run_eval(collective)? {
-        summary.eval_before = Some(result.loss);
+        // A resumed job's first eval is of the checkpoint, not of the model before fine-tuning.
+        let phase = if start == 0 {
+            summary.eval_before = Some(result.loss);
+            "before"
+        } else {
+            "resumed"
+        };
         if is_writer {
-            reporter.eval("before", 0, &result);
+            reporter.eval(phase, start, &result);
         }
     }
 
     let mut lr = spec.lr;
-    for step in 0..spec.total_steps {
+    for step in start..spec.total_steps {
         if let Some(reason) = reporter.abort_reason() {
             return Err(TrainError::Aborted(reason));
         }

@@ -203,6 +203,8 @@ pub struct JobConfig {
     pub activation_checkpointing: bool,
     /// "fp32", or "bf16": bf16 compute weights with fp32 master weights and optimizer state.
     pub precision: String,
+    /// Set by `launch --resume`, not by cluster.yaml: the committed checkpoint to continue.
+    pub resume: Option<crate::resume::Resume>,
 }
 
 /// Reads and validates a cluster.yaml. Relative paths in it are relative to the file's directory.
@@ -531,6 +533,7 @@ impl Checks<'_> {
             checkpoint_max_shard_bytes,
             activation_checkpointing: f.model.activation_checkpointing,
             precision,
+            resume: None,
         }
     }
 }

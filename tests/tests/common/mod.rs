@@ -183,10 +183,16 @@ pub struct Launch {
 
 impl Launch {
     pub fn start(config: &Path) -> Launch {
+        Self::start_with(config, &[])
+    }
+
+    /// `coordinator launch CONFIG ARGS...`
+    pub fn start_with(config: &Path, args: &[&str]) -> Launch {
         let tag = unique_tag();
         let mut child = Command::new(bin("coordinator"))
             .arg("launch")
             .arg(config)
+            .args(args)
             .env("FERROTUNE_TEST_TAG", &tag)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())

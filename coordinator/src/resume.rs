@@ -1,0 +1,123 @@
+//! `coordinator launch --resume [CHECKPOINT]`: which committed checkpoint a job continues from,
+//! and whether this config can continue it exactly. Everything is checked before any worker
+//! starts; the workers then restore weights, optimizer moments, step and data cursor from it.
+
+use crate::checkpoint;
+use crate::config::JobConfig;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// `--resume` without a value: the newest committed checkpoint under `checkpoint.dir`.
+pub const LATEST: &str = "latest";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    pub dir: PathBuf,
+    /// Optimizer steps already taken: training continues with step + 1.
+    pub step: u64,
+}
+
+/// The parts of training_state/trainer_state.json that decide whether a run continues exactly.
+#[derive(Debug, Deserialize)]
+struct Saved {
+    step: u64,
+    seed: u64,
+    seq_len: u64,
+    global_batch_sequences: u64,
+    data_cursor: SavedCursor,
+}
+
+#[derive(Debug, Deserialize)]
+struct SavedCursor {
+    tasks: Vec<serde_json::Value>,
+}
+
+/// Resolves `requested` (a checkpoint directory, or [`LATEST`]) against `config`.
+pub fn choose(config: &JobConfig, requested: &str) -> Result<Resume, String> {
+    let dir = if requested == LATEST {
+        match checkpoint::committed(&config.checkpoint_dir).pop() {
+            Some((_, dir)) => dir,
+            None => {
+                return Err(format!(
+                    "--resume: no committed checkpoint under {} (a step-N directory with {}); start without --resume, or name a checkpoint directory",
+                    config.checkpoint_dir.display(),
+                    checkpoint::MANIFEST
+                ))
+            }
+        }
+    } else {
+        PathBuf::from(requested)
+    };
+    if !dir.join(checkpoint::MANIFEST).is_file() {
+        return Err(format!(
+            "--resume: {} is not a committed checkpoint (no {}); name a step-N directory that has one",
+            dir.display(),
+            checkpoint::MANIFEST
+        ));
+    }
+    let state_path = dir.join("training_state/trainer_state.json");
+    let saved: Saved = std::fs::read_to_string(&state_path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            format!(
+                "--resume: cannot read {}: {e}; that checkpoint cannot be continued",
+                state_path.display()
+            )
+        })?;
+    check(config, &dir, &saved)?;
+    Ok(Resume {
+        dir,
+        step: saved.step,
+    })
+}
+
+fn check(config: &JobConfig, dir: &Path, saved: &Saved) -> Result<(), String> {
+    let global_batch = u64::from(config.world_size)
+        * u64::from(config.micro_batch_size)
+        * u64::from(config.grad_accum_steps);
+    let source = config.source.display();
+    let differs = |field: &str, now: String, then: String| {
+        format!(
+            "{source}: `{field}` is {now}, but {} was trained with {then}; the run would not continue where it stopped. Resume with the same value, or start a new run without --resume",
+            dir.display()
+        )
+    };
+    if config.seed != saved.seed {
+        return Err(differs(
+            "job.seed",
+            config.seed.to_string(),
+            saved.seed.to_string(),
+        ));
+    }
+    if u64::from(config.data.seq_len) != saved.seq_len {
+        return Err(differs(
+            "data.seq_len",
+            config.data.seq_len.to_string(),
+            saved.seq_len.to_string(),
+        ));
+    }
+    if global_batch != saved.global_batch_sequences {
+        return Err(differs(
+            "cluster.world_size × training.micro_batch_size × training.grad_accum_steps",
+            format!("{global_batch} sequences per step"),
+            saved.global_batch_sequences.to_string(),
+        ));
+    }
+    if config.data.datasets.len() != saved.data_cursor.tasks.len() {
+        return Err(differs(
+            "data.datasets",
+            format!("{} datasets", config.data.datasets.len()),
+            saved.data_cursor.tasks.len().to_string(),
+        ));
+    }
+    if saved.step >= config.steps {
+        return Err(format!(
+            "{source}: {} is at step {}, and `training.steps` is {}: nothing is left to train. Raise training.steps to train further",
+            dir.display(),
+            saved.step,
+            config.steps
+        ));
+    }
+    Ok(())
+}

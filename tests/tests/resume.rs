@@ -1,0 +1,204 @@
+//! `coordinator launch --resume`: a job killed mid-run (SIGKILL, no chance to clean up) and
+//! resumed from its newest committed checkpoint ends bit-identical to the same job run without
+//! interruption: weights, AdamW moments, trainer state and every later step's loss line. With
+//! fp32 model files, and with bfloat16 ones (the fp32 masters then travel in training_state/).
+//! Resumes that cannot continue exactly are refused before any worker starts.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const STEPS: u64 = 60;
+
+/// The tiny job, 60 steps, a checkpoint every 20 (all kept), a line per step.
+fn job(dir: &Path, dtype: Option<&str>) -> PathBuf {
+    let config = tiny_example(dir);
+    let mut text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("steps: 60", &format!("steps: {STEPS}"))
+        .replace("log_every_steps: 5", "log_every_steps: 1")
+        .replace("every_steps: 30", "every_steps: 20")
+        .replace("keep: 2", "keep: 5");
+    if let Some(d) = dtype {
+        text = text.replace("  keep: 5", &format!("  keep: 5\n  dtype: {d}"));
+    }
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+fn checkpoints(dir: &Path) -> PathBuf {
+    dir.join("runs/checkpoints")
+}
+
+/// The step lines without their timing: step, loss, lr, grad_norm.
+fn step_lines(out: &str) -> Vec<String> {
+    out.lines()
+        .filter(|l| l.starts_with("step "))
+        .map(|l| l.rsplit_once(" | ").unwrap().0.to_string())
+        .collect()
+}
+
+/// Files whose bytes must match between an interrupted-and-resumed run and a straight one.
+fn state_files(checkpoint: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut names = vec![
+        "model.safetensors",
+        "training_state/optimizer.safetensors",
+        "training_state/trainer_state.json",
+    ];
+    if checkpoint
+        .join("training_state/master_weights.safetensors")
+        .is_file()
+    {
+        names.push("training_state/master_weights.safetensors");
+    }
+    names
+        .into_iter()
+        .map(|n| (n.to_string(), std::fs::read(checkpoint.join(n)).unwrap()))
+        .collect()
+}
+
+fn run_to_end(mut launch: Launch) -> String {
+    let status = launch.wait(Duration::from_secs(300));
+    let out = launch.stdout_text();
+    assert!(status.success(), "{out}\n{}", launch.stderr_text());
+    out
+}
+
+fn interrupted_then_resumed(dtype: Option<&str>) {
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = run_to_end(Launch::start(&job(straight_dir.path(), dtype)));
+    let final_name = format!("step-{STEPS:08}");
+    let reference = state_files(&checkpoints(straight_dir.path()).join(&final_name));
+    assert_eq!(
+        reference.len(),
+        if dtype.is_some() { 4 } else { 3 },
+        "fp32 masters are saved exactly when the model files are narrower"
+    );
+
+    // The same job, SIGKILLed once its first checkpoint is committed.
+    let dir = tempfile::tempdir().unwrap();
+    let config = job(dir.path(), dtype);
+    let mut first = Launch::start(&config);
+    let manifest = checkpoints(dir.path()).join("step-00000020/manifest.json");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !manifest.is_file() {
+        assert!(Instant::now() < deadline, "no checkpoint at step 20");
+        assert!(
+            first.child.try_wait().unwrap().is_none(),
+            "{}",
+            first.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let left = wait_no_tagged(&first.tag, Duration::from_secs(30));
+    assert!(
+        left.is_empty(),
+        "workers outlived the killed coordinator: {left:?}"
+    );
+    assert!(
+        !checkpoints(dir.path()).join(&final_name).exists(),
+        "the job was killed before it finished"
+    );
+
+    let resumed = run_to_end(Launch::start_with(&config, &["--resume"]));
+    let from: u64 = resumed
+        .lines()
+        .find_map(|l| l.strip_prefix("resuming from "))
+        .and_then(|l| l.split("(step ").nth(1))
+        .and_then(|l| l.split('/').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no `resuming from` line:\n{resumed}"));
+    assert!(
+        (20..STEPS).contains(&from) && from.is_multiple_of(20),
+        "resumed at {from}"
+    );
+    assert!(resumed.contains(&format!("held-out loss at step {from} (resumed)")));
+
+    let got = state_files(&checkpoints(dir.path()).join(&final_name));
+    for ((name, want), (_, have)) in reference.iter().zip(&got) {
+        assert!(
+            want == have,
+            "{name} differs from the uninterrupted run's (resumed at step {from})"
+        );
+    }
+    let want = step_lines(&straight);
+    let have = step_lines(&resumed);
+    assert_eq!(have.len() as u64, STEPS - from, "{resumed}");
+    assert_eq!(&want[from as usize..], &have[..], "per-step losses differ");
+    let after = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("held-out loss after fine-tuning"))
+            .map(String::from)
+    };
+    assert_eq!(after(&straight), after(&resumed));
+    assert!(after(&resumed).is_some());
+}
+
+#[test]
+fn a_killed_job_resumes_bit_identical_with_fp32_files() {
+    let _serial = serial();
+    interrupted_then_resumed(None);
+}
+
+#[test]
+fn a_killed_job_resumes_bit_identical_with_bf16_files() {
+    let _serial = serial();
+    interrupted_then_resumed(Some("bfloat16"));
+}
+
+fn refused(config: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin("coordinator"))
+        .arg("launch")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn resumes_that_cannot_continue_exactly_are_refused_before_starting() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let config = job(dir.path(), None);
+    let root = checkpoints(dir.path());
+
+    let err = refused(&config, &["--resume"]);
+    assert!(err.contains("no committed checkpoint under"), "{err}");
+    let err = refused(&config, &["--resume", dir.path().to_str().unwrap()]);
+    assert!(err.contains("is not a committed checkpoint"), "{err}");
+
+    // A short run leaves step 20 and its final step 30.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("steps: 60", "steps: 30")).unwrap();
+    run_to_end(Launch::start(&config));
+    std::fs::remove_dir_all(root.join("logs")).unwrap();
+    let err = refused(&config, &["--resume"]);
+    assert!(err.contains("nothing is left to train"), "{err}");
+
+    let step20 = root.join("step-00000020");
+    for (from, to, field) in [
+        ("seq_len: 160", "seq_len: 150", "`data.seq_len` is 150"),
+        ("seed: 1234", "seed: 99", "`job.seed` is 99"),
+        (
+            "micro_batch_size: 8",
+            "micro_batch_size: 4",
+            "8 sequences per step",
+        ),
+    ] {
+        std::fs::write(&config, text.replace(from, to)).unwrap();
+        let err = refused(&config, &["--resume", step20.to_str().unwrap()]);
+        assert!(
+            err.contains(field) && err.contains("step-00000020"),
+            "{from} -> {to}: {err}"
+        );
+    }
+    assert!(!root.join("logs").exists(), "no worker may have started");
+}

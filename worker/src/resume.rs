@@ -1,0 +1,59 @@
+//! Continuing from a committed checkpoint: the weights come in through the ordinary loader (the
+//! checkpoint is a Hugging Face model directory); this restores the rest of what the invariant
+//! "resume is exact" needs: fp32 master weights when the model files are narrower, AdamW moments
+//! and step count, the step, and the data cursor (the mixture skips to it in O(1)).
+
+use crate::checkpoint::{TrainerState, MASTERS_FILE, OPTIMIZER_FILE, STATE_FILE, TRAINING_STATE};
+use crate::model::io::LoadedModel;
+use crate::optim::AdamW;
+use crate::train::TrainError;
+use std::collections::HashMap;
+use std::path::Path;
+use tch::Tensor;
+
+fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, TrainError> {
+    Tensor::read_safetensors(path)
+        .map(|v| v.into_iter().collect())
+        .map_err(|e| TrainError::Checkpoint(format!("resume: {}: {e}", path.display())))
+}
+
+/// Restores masters and optimizer from `dir` into the freshly loaded `model` and `optimizer`;
+/// returns the saved trainer state (step, data cursor).
+pub fn restore(
+    dir: &Path,
+    model: &LoadedModel,
+    optimizer: &mut AdamW,
+) -> Result<TrainerState, TrainError> {
+    let state_dir = dir.join(TRAINING_STATE);
+    let state_path = state_dir.join(STATE_FILE);
+    let state: TrainerState = std::fs::read_to_string(&state_path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+        .map_err(|e| TrainError::Checkpoint(format!("resume: {}: {e}", state_path.display())))?;
+
+    let masters = state_dir.join(MASTERS_FILE);
+    if masters.is_file() {
+        let mut saved = read_tensors(&masters)?;
+        for (name, p) in model.named_parameters() {
+            let t = saved.remove(&name).ok_or_else(|| {
+                TrainError::Checkpoint(format!("resume: {} has no `{name}`", masters.display()))
+            })?;
+            if t.size() != p.size() {
+                return Err(TrainError::Checkpoint(format!(
+                    "resume: {}: `{name}` has shape {:?}, the model {:?}",
+                    masters.display(),
+                    t.size(),
+                    p.size()
+                )));
+            }
+            let mut p = p;
+            tch::no_grad(|| p.copy_(&t));
+        }
+    }
+
+    let opt_path = state_dir.join(OPTIMIZER_FILE);
+    optimizer
+        .load_state(read_tensors(&opt_path)?, state.optimizer_steps)
+        .map_err(|e| TrainError::Checkpoint(format!("resume: {}: {e}", opt_path.display())))?;
+    Ok(state)
+}
