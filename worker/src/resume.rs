@@ -5,6 +5,7 @@
 
 use crate::checkpoint::{TrainerState, MASTERS_FILE, OPTIMIZER_FILE, STATE_FILE, TRAINING_STATE};
 use crate::model::io::LoadedModel;
+use crate::model::DType;
 use crate::optim::AdamW;
 use crate::train::TrainError;
 use std::collections::HashMap;
@@ -34,7 +35,7 @@ pub fn restore(
     let masters = state_dir.join(MASTERS_FILE);
     if masters.is_file() {
         let mut saved = read_tensors(&masters)?;
-        for (name, p) in model.named_parameters() {
+        for (name, mut p) in model.named_parameters() {
             let t = saved.remove(&name).ok_or_else(|| {
                 TrainError::Checkpoint(format!("resume: {} has no `{name}`", masters.display()))
             })?;
@@ -46,9 +47,13 @@ pub fn restore(
                     p.size()
                 )));
             }
-            let mut p = p;
             tch::no_grad(|| p.copy_(&t));
         }
+    } else if let Some(narrow) = model.config.dtype.filter(|d| *d != DType::F32) {
+        tracing::warn!(
+            "{} holds {narrow:?} weights and no fp32 master weights: training continues from the rounded weights, not exactly where it stopped",
+            dir.display()
+        );
     }
 
     let opt_path = state_dir.join(OPTIMIZER_FILE);
