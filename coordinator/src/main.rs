@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ferrotune_coordinator::{
-    config, datacheck, driver, job::Outcome, launcher, resolve_worker_binary, resume,
+    checkpoint, config, datacheck, driver, job::Outcome, launcher, resolve_worker_binary, resume,
 };
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -142,6 +142,16 @@ fn launch(config: config::JobConfig) -> anyhow::Result<ExitCode> {
     let launcher: Box<dyn launcher::Launcher> = match config.launcher {
         config::LauncherKind::Local => Box::new(launcher::local::LocalLauncher::new()),
     };
+    let (source, checkpoints) = (config.source.clone(), config.checkpoint_dir.clone());
+    // After a failure or an interrupt: how to go on from the newest committed checkpoint.
+    let resume_hint = || {
+        if let Some((step, _)) = checkpoint::committed(&checkpoints).pop() {
+            eprintln!(
+                "to continue from step {step}: coordinator launch {} --resume",
+                source.display()
+            );
+        }
+    };
     let report = runtime.block_on(driver::run(config, worker, launcher))?;
     Ok(match report.outcome {
         Outcome::Succeeded { final_checkpoint } => {
@@ -160,10 +170,12 @@ fn launch(config: config::JobConfig) -> anyhow::Result<ExitCode> {
         }
         Outcome::Failed { reason } => {
             eprintln!("error: job failed: {reason}");
+            resume_hint();
             ExitCode::from(EXIT_FAILED)
         }
         Outcome::Interrupted => {
             eprintln!("interrupted: all workers stopped");
+            resume_hint();
             ExitCode::from(EXIT_INTERRUPTED)
         }
     })

@@ -1,5 +1,6 @@
 //! A worker killed mid-run: the coordinator stops the rest and exits non-zero within 10 s,
-//! naming the lost rank, and no worker process survives.
+//! naming the lost rank, and no worker process survives. Its message says how to continue, and
+//! doing so resumes training after the newest committed checkpoint.
 
 mod common;
 use common::*;
@@ -11,10 +12,16 @@ fn killing_a_worker_fails_the_job_naming_the_rank() {
     let tmp = tempfile::tempdir().unwrap();
     small_random_model(tmp.path());
     let path = tmp.path().join("long.yaml");
-    std::fs::write(&path, random_model_job(2, 2, 0, 100_000, 1.0e-3, "out")).unwrap();
+    let job = random_model_job(2, 2, 0, 100_000, 1.0e-3, "out") + "  every_steps: 3\n";
+    std::fs::write(&path, job).unwrap();
+    let committed = |step: u64| {
+        tmp.path()
+            .join(format!("out/step-{step:08}/manifest.json"))
+            .is_file()
+    };
     let mut run = Launch::start(&path);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !run.stdout_text().contains("step ") {
+    while !committed(3) {
         assert!(
             Instant::now() < deadline,
             "training never started:\n{}",
@@ -50,5 +57,39 @@ fn killing_a_worker_fails_the_job_naming_the_rank() {
     );
     assert!(!err.contains("panicked"), "{err}");
     let left = wait_no_tagged(&run.tag, Duration::from_secs(3));
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+
+    let hint = err
+        .lines()
+        .find_map(|l| l.strip_prefix("to continue from step "))
+        .unwrap_or_else(|| panic!("no resume hint in:\n{err}"));
+    let (step, command) = hint.split_once(": ").unwrap();
+    let step: u64 = step.parse().unwrap();
+    assert!(step >= 3 && step.is_multiple_of(3), "{hint}");
+    assert_eq!(
+        command,
+        format!("coordinator launch {} --resume", path.display())
+    );
+    let mut resumed = Launch::start_with(&path, &["--resume"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !committed(step + 3) {
+        assert!(
+            Instant::now() < deadline && resumed.child.try_wait().unwrap().is_none(),
+            "no checkpoint after step {step} from the resumed job:\n{}",
+            resumed.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        resumed.stdout_text().contains(&format!(
+            "resuming from {}",
+            tmp.path().join(format!("out/step-{step:08}")).display()
+        )),
+        "{}",
+        resumed.stdout_text()
+    );
+    let tag = resumed.tag.clone();
+    drop(resumed);
+    let left = wait_no_tagged(&tag, Duration::from_secs(10));
     assert!(left.is_empty(), "processes left behind: {left:?}");
 }
