@@ -17,6 +17,8 @@ pub struct Summary {
     pub warnings: u64,
     /// Problems that are not about one line (a missing chat template).
     pub general: Vec<String>,
+    /// With `build`: each dataset's training cache directory name, `<name>-train-<key>`.
+    pub train_caches: Vec<String>,
 }
 
 impl Summary {
@@ -66,7 +68,16 @@ pub fn run(config: &JobConfig, build: bool) -> Result<Summary, DataError> {
             let name = format!("{}-{split}", ds.name);
             let report = if build {
                 match cached(&name, &recipe, &d.cache_dir)? {
-                    Prepared::Ready { report, .. } | Prepared::Rejected(report) => *report,
+                    Prepared::Ready { report, cache, .. } => {
+                        if split == "train" {
+                            let dir = cache.dir.file_name().unwrap_or_default();
+                            summary
+                                .train_caches
+                                .push(dir.to_string_lossy().into_owned());
+                        }
+                        *report
+                    }
+                    Prepared::Rejected(report) => *report,
                 }
             } else {
                 prepare(&name, &recipe, &mut NullSink)?

@@ -67,12 +67,12 @@ fn load(path: &Path) -> Result<config::JobConfig, ExitCode> {
 }
 
 /// Prints the dataset summary; Err(exit code) when a dataset has errors or cannot be read.
-fn check_data(config: &config::JobConfig, build: bool) -> Result<(), ExitCode> {
+fn check_data(config: &config::JobConfig, build: bool) -> Result<datacheck::Summary, ExitCode> {
     match datacheck::run(config, build) {
         Ok(summary) => {
             println!("{summary}");
             if summary.ok() {
-                Ok(())
+                Ok(summary)
             } else {
                 eprintln!("error: the datasets have errors (listed above as file:line); fix or remove those lines");
                 Err(ExitCode::from(EXIT_BAD_INPUT))
@@ -120,8 +120,18 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            if let Err(code) = check_data(&c, true) {
-                return code;
+            let summary = match check_data(&c, true) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            if let Some(r) = &c.resume {
+                for i in resume::changed_datasets(r, &summary.train_caches) {
+                    eprintln!(
+                        "warning: dataset {} is not the data {} was trained on (its bytes, the tokenizer or the data options changed); training continues, but not in the order the interrupted run would have taken",
+                        c.data.datasets[i].name,
+                        r.dir.display()
+                    );
+                }
             }
             match launch(c) {
                 Ok(code) => code,

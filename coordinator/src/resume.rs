@@ -15,6 +15,8 @@ pub struct Resume {
     pub dir: PathBuf,
     /// Optimizer steps already taken: training continues with step + 1.
     pub step: u64,
+    /// The training caches the checkpoint was trained on (empty in older checkpoints).
+    pub datasets: Vec<String>,
 }
 
 /// The parts of training_state/trainer_state.json that decide whether a run continues exactly.
@@ -25,6 +27,8 @@ struct Saved {
     seq_len: u64,
     global_batch_sequences: u64,
     data_cursor: SavedCursor,
+    #[serde(default)]
+    datasets: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,7 +73,20 @@ pub fn choose(config: &JobConfig, requested: &str) -> Result<Resume, String> {
     Ok(Resume {
         dir,
         step: saved.step,
+        datasets: saved.datasets,
     })
+}
+
+/// Indices of the datasets whose training data (bytes or recipe, as the cache names say)
+/// differ from the checkpoint's. Continuing is allowed (fixing data mid-run is legitimate), but
+/// the order then is not the interrupted run's, so the user is told.
+pub fn changed_datasets(resume: &Resume, train_caches: &[String]) -> Vec<usize> {
+    if resume.datasets.is_empty() {
+        return Vec::new();
+    }
+    (0..train_caches.len())
+        .filter(|&i| resume.datasets.get(i) != train_caches.get(i))
+        .collect()
 }
 
 fn check(config: &JobConfig, dir: &Path, saved: &Saved) -> Result<(), String> {

@@ -59,16 +59,19 @@ fn state_files(checkpoint: &Path) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-fn run_to_end(mut launch: Launch) -> String {
+/// (stdout, stderr) of a launch that must succeed.
+fn run_to_end(mut launch: Launch) -> (String, String) {
     let status = launch.wait(Duration::from_secs(300));
-    let out = launch.stdout_text();
-    assert!(status.success(), "{out}\n{}", launch.stderr_text());
-    out
+    let (out, err) = (launch.stdout_text(), launch.stderr_text());
+    assert!(status.success(), "{out}\n{err}");
+    (out, err)
 }
+
+const CHANGED: &str = "is not the data";
 
 fn interrupted_then_resumed(dtype: Option<&str>) {
     let straight_dir = tempfile::tempdir().unwrap();
-    let straight = run_to_end(Launch::start(&job(straight_dir.path(), dtype)));
+    let (straight, _) = run_to_end(Launch::start(&job(straight_dir.path(), dtype)));
     let final_name = format!("step-{STEPS:08}");
     let reference = state_files(&checkpoints(straight_dir.path()).join(&final_name));
     assert_eq!(
@@ -104,7 +107,8 @@ fn interrupted_then_resumed(dtype: Option<&str>) {
         "the job was killed before it finished"
     );
 
-    let resumed = run_to_end(Launch::start_with(&config, &["--resume"]));
+    let (resumed, err) = run_to_end(Launch::start_with(&config, &["--resume"]));
+    assert!(!err.contains(CHANGED), "the data did not change: {err}");
     let from: u64 = resumed
         .lines()
         .find_map(|l| l.strip_prefix("resuming from "))
@@ -201,4 +205,21 @@ fn resumes_that_cannot_continue_exactly_are_refused_before_starting() {
         );
     }
     assert!(!root.join("logs").exists(), "no worker may have started");
+
+    // Changed data may be resumed on (fixing data mid-run is legitimate), with a warning.
+    std::fs::write(&config, text.replace("steps: 60", "steps: 40")).unwrap();
+    let train = dir.path().join("data/train.jsonl");
+    let lines = std::fs::read_to_string(&train).unwrap();
+    let kept: Vec<&str> = lines.lines().skip(1).collect();
+    std::fs::write(&train, kept.join("\n") + "\n").unwrap();
+    let (out, err) = run_to_end(Launch::start_with(&config, &["--resume"]));
+    assert!(
+        out.contains("resuming from") && out.contains("(step 30/40)"),
+        "{out}"
+    );
+    assert!(
+        err.contains(&format!("warning: dataset train {CHANGED}")),
+        "{err}"
+    );
+    assert!(root.join("step-00000040/manifest.json").is_file());
 }

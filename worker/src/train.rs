@@ -205,6 +205,17 @@ pub fn run(
     let pad_id = tokenizer.special.pad.or(tokenizer.special.eos).unwrap_or(0);
     let tasks = data::load_tasks(spec, &tokenizer)?;
     let sizes: Vec<usize> = tasks.iter().map(|t| t.train.len()).collect();
+    let caches: Vec<String> = tasks
+        .iter()
+        .map(|t| {
+            t.train
+                .dir
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
     let weights: Vec<f64> = tasks.iter().map(|t| t.weight).collect();
     let global_batch = placement.world_size * spec.micro_batch_size * spec.grad_accum_steps;
     for t in &tasks {
@@ -378,7 +389,7 @@ pub fn run(
             && done < spec.total_steps
         {
             save(
-                spec, placement, &model, &optimizer, &mixture, done, lr, false, reporter,
+                spec, placement, &model, &optimizer, &mixture, &caches, done, lr, false, reporter,
             )?;
         }
     }
@@ -396,6 +407,7 @@ pub fn run(
             &model,
             &optimizer,
             &mixture,
+            &caches,
             spec.total_steps,
             lr,
             true,
@@ -413,6 +425,7 @@ fn save(
     model: &LoadedModel,
     optimizer: &AdamW,
     mixture: &Mixture,
+    datasets: &[String],
     step: u64,
     lr: f64,
     is_final: bool,
@@ -432,6 +445,7 @@ fn save(
         min_lr: spec.min_lr,
         warmup_steps: spec.warmup_steps,
         total_steps: spec.total_steps,
+        datasets: datasets.to_vec(),
     };
     let options = SaveOptions {
         dtype: spec
