@@ -34,7 +34,7 @@ pub struct TrainerState {
     pub min_lr: f64,
     pub warmup_steps: u64,
     pub total_steps: u64,
-    /// Each dataset's training cache (`<name>-<key>`, the key hashing its bytes and recipe): a
+    /// Each dataset's training cache (`<name>-train-<key>`, the key hashing bytes and recipe): a
     /// resume can tell whether it reads the same data.
     #[serde(default)]
     pub datasets: Vec<String>,
