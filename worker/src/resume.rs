@@ -34,21 +34,9 @@ pub fn restore(
 
     let masters = state_dir.join(MASTERS_FILE);
     if masters.is_file() {
-        let mut saved = read_tensors(&masters)?;
-        for (name, mut p) in model.named_parameters() {
-            let t = saved.remove(&name).ok_or_else(|| {
-                TrainError::Checkpoint(format!("resume: {} has no `{name}`", masters.display()))
-            })?;
-            if t.size() != p.size() {
-                return Err(TrainError::Checkpoint(format!(
-                    "resume: {}: `{name}` has shape {:?}, the model {:?}",
-                    masters.display(),
-                    t.size(),
-                    p.size()
-                )));
-            }
-            tch::no_grad(|| p.copy_(&t));
-        }
+        model
+            .overwrite_from(&masters)
+            .map_err(|e| TrainError::Checkpoint(format!("resume: {e}")))?;
     } else if let Some(narrow) = model.config.dtype.filter(|d| *d != DType::F32) {
         tracing::warn!(
             "{} holds {narrow:?} weights and no fp32 master weights: training continues from the rounded weights, not exactly where it stopped",

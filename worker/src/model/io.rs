@@ -162,16 +162,24 @@ impl LoadedModel {
         };
         let loaded = LoadedModel { vs, model, config };
         if !random_init {
-            tch::no_grad(|| loaded.load_weights(dir))?;
+            tch::no_grad(|| loaded.load_weights(&weight_files(dir)?, dir))?;
         }
         Ok(loaded)
     }
 
-    fn load_weights(&self, dir: &Path) -> Result<(), ModelError> {
+    /// Overwrites every parameter from one safetensors `file` with the same names (a resumed
+    /// checkpoint's fp32 master weights), through the same checks and memory-mapped reads.
+    pub fn overwrite_from(&self, file: &Path) -> Result<(), ModelError> {
+        tch::no_grad(|| self.load_weights(&[file.to_path_buf()], file))
+    }
+
+    /// Reads `files` (together: every parameter exactly once) into the parameters; `whole`
+    /// names the set in messages about missing parameters.
+    fn load_weights(&self, files: &[PathBuf], whole: &Path) -> Result<(), ModelError> {
         let vars = self.vs.variables();
         let mut seen = BTreeSet::new();
-        for file in weight_files(dir)? {
-            let handle = std::fs::File::open(&file).map_err(|source| ModelError::Read {
+        for file in files {
+            let handle = std::fs::File::open(file).map_err(|source| ModelError::Read {
                 path: file.display().to_string(),
                 source,
             })?;
@@ -185,7 +193,7 @@ impl LoadedModel {
                 })?;
             let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
                 weights_err(
-                    &file,
+                    file,
                     format!("not a valid safetensors file (truncated or corrupt?): {e}"),
                 )
             })?;
@@ -198,7 +206,7 @@ impl LoadedModel {
                 }
                 let Some(var) = vars.get(name) else {
                     return Err(weights_err(
-                        &file,
+                        file,
                         format!(
                             "unexpected tensor `{name}`: a {} model with this config.json has \
                              no such parameter",
@@ -209,7 +217,7 @@ impl LoadedModel {
                 let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
                 if shape != var.size() {
                     return Err(weights_err(
-                        &file,
+                        file,
                         format!(
                             "tensor `{name}` has shape {shape:?}, but config.json implies {:?}",
                             var.size()
@@ -218,7 +226,7 @@ impl LoadedModel {
                 }
                 let Some(dtype) = DType::from_safetensors(view.dtype()) else {
                     return Err(weights_err(
-                        &file,
+                        file,
                         format!(
                             "tensor `{name}` is stored as {:?}; supported: F32, BF16, F16",
                             view.dtype()
@@ -226,12 +234,12 @@ impl LoadedModel {
                     ));
                 };
                 let tensor = mapped_tensor(view.data(), &shape, dtype)
-                    .map_err(|e| weights_err(&file, format!("tensor `{name}`: {e}")))?;
+                    .map_err(|e| weights_err(file, format!("tensor `{name}`: {e}")))?;
                 // copy_ converts dtype and device on the way, reading straight from the map.
                 let mut target = var.shallow_clone();
                 target
                     .f_copy_(&tensor)
-                    .map_err(|e| weights_err(&file, format!("tensor `{name}`: {e}")))?;
+                    .map_err(|e| weights_err(file, format!("tensor `{name}`: {e}")))?;
                 seen.insert(name.to_string());
             }
         }
@@ -239,7 +247,7 @@ impl LoadedModel {
         if !missing.is_empty() {
             let shown: Vec<&str> = missing.iter().take(5).map(|s| s.as_str()).collect();
             return Err(weights_err(
-                dir,
+                whole,
                 format!(
                     "{} parameter(s) missing from the weight files, e.g. {}; the checkpoint does \
                      not match its config.json",
