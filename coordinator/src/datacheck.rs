@@ -70,10 +70,7 @@ pub fn run(config: &JobConfig, build: bool) -> Result<Summary, DataError> {
                 match cached(&name, &recipe, &d.cache_dir)? {
                     Prepared::Ready { report, cache, .. } => {
                         if split == "train" {
-                            let dir = cache.dir.file_name().unwrap_or_default();
-                            summary
-                                .train_caches
-                                .push(dir.to_string_lossy().into_owned());
+                            summary.train_caches.push(cache.name());
                         }
                         *report
                     }

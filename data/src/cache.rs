@@ -282,6 +282,12 @@ impl TokenCache {
         self.meta.sequences as usize
     }
 
+    /// `<name>-<key>`: names this content (data bytes and recipe) wherever the cache lives.
+    pub fn name(&self) -> String {
+        let name = self.dir.file_name().unwrap_or_default();
+        name.to_string_lossy().into_owned()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

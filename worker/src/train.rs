@@ -205,17 +205,7 @@ pub fn run(
     let pad_id = tokenizer.special.pad.or(tokenizer.special.eos).unwrap_or(0);
     let tasks = data::load_tasks(spec, &tokenizer)?;
     let sizes: Vec<usize> = tasks.iter().map(|t| t.train.len()).collect();
-    let caches: Vec<String> = tasks
-        .iter()
-        .map(|t| {
-            t.train
-                .dir
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
+    let caches: Vec<String> = tasks.iter().map(|t| t.train.name()).collect();
     let weights: Vec<f64> = tasks.iter().map(|t| t.weight).collect();
     let global_batch = placement.world_size * spec.micro_batch_size * spec.grad_accum_steps;
     for t in &tasks {
