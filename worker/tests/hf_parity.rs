@@ -71,6 +71,18 @@ fn check(failures: &mut Vec<String>, what: String, err: f64, bound: f64) {
     }
 }
 
+/// Every parameter's gradient against transformers' (≤ 1e-4 relative).
+fn check_grads(failures: &mut Vec<String>, case: &Case, model: &LoadedModel, what: &str) {
+    for (name, p) in model.named_parameters() {
+        check(
+            failures,
+            format!("{} {what} {name}", case.name),
+            rel_err(&p.grad(), case.g(&format!("grad.{name}"))),
+            1e-4,
+        );
+    }
+}
+
 #[test]
 fn logits_loss_and_gradients_match_transformers() {
     let Some(cases) = cases() else { return };
@@ -111,14 +123,7 @@ fn logits_loss_and_gradients_match_transformers() {
             "{}: parameter names differ from transformers'",
             case.name
         );
-        for (name, p) in model.named_parameters() {
-            check(
-                &mut failures,
-                format!("{} grad {name}", case.name),
-                rel_err(&p.grad(), case.g(&format!("grad.{name}"))),
-                1e-4,
-            );
-        }
+        check_grads(&mut failures, case, &model, "grad");
 
         // Activation checkpointing recomputes layers in backward: same gradients.
         let model = case.load();
@@ -134,14 +139,7 @@ fn logits_loss_and_gradients_match_transformers() {
                 / case.g("loss").double_value(&[]),
             1e-6,
         );
-        for (name, p) in model.named_parameters() {
-            check(
-                &mut failures,
-                format!("{} checkpointed grad {name}", case.name),
-                rel_err(&p.grad(), case.g(&format!("grad.{name}"))),
-                1e-4,
-            );
-        }
+        check_grads(&mut failures, case, &model, "checkpointed grad");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
