@@ -4,6 +4,7 @@
 
 use crate::checkpoint;
 use crate::config::JobConfig;
+use crate::endpoint;
 use crate::job::{Action, Event, Job, JobParams, Outcome};
 use crate::launcher::{LaunchPlan, Launcher, LauncherEvent};
 use crate::progress::Progress;
@@ -17,14 +18,15 @@ use tokio::sync::{mpsc, oneshot};
 /// How long workers get to exit after SIGTERM before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 const TICK: Duration = Duration::from_millis(200);
+/// The drain after a job with external workers lasts at least min(interval, this) for
+/// stragglers, and at most two heartbeat intervals plus this.
+const DRAIN_MIN: Duration = Duration::from_millis(500);
+const SERVER_CLOSE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
-    #[error("cannot listen for workers on {addr}: {source}")]
-    Listen {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error("cannot listen for workers: {0}")]
+    Listen(std::io::Error),
     #[error("cannot prepare checkpoint directory {}: {source}", dir.display())]
     CheckpointDir {
         dir: PathBuf,
@@ -40,18 +42,22 @@ pub struct JobReport {
     pub eval_after: Option<f64>,
 }
 
-fn random_token() -> String {
-    use rand::RngCore;
-    let mut bytes = [0u8; 24];
-    rand::rng().fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// How the workers of one job are reached and started.
+pub struct Startup {
+    /// Bound by `endpoint::bind` before anything else was done.
+    pub listener: std::net::TcpListener,
+    pub token: String,
+    pub worker_binary: PathBuf,
+    pub launcher: Box<dyn Launcher>,
 }
 
-pub async fn run(
-    config: JobConfig,
-    worker_binary: PathBuf,
-    mut launcher: Box<dyn Launcher>,
-) -> Result<JobReport, DriverError> {
+pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, DriverError> {
+    let Startup {
+        listener,
+        token,
+        worker_binary,
+        mut launcher,
+    } = startup;
     std::fs::create_dir_all(&config.checkpoint_dir).map_err(|source| {
         DriverError::CheckpointDir {
             dir: config.checkpoint_dir.clone(),
@@ -66,20 +72,9 @@ pub async fn run(
         Err(e) => tracing::warn!("could not clean stale staging directories: {e}"),
     }
 
-    let addr = "127.0.0.1:0";
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| DriverError::Listen {
-            addr: addr.into(),
-            source,
-        })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| DriverError::Listen {
-            addr: addr.into(),
-            source,
-        })?;
-    let token = random_token();
+    let listener = TcpListener::from_std(listener).map_err(DriverError::Listen)?;
+    let local = listener.local_addr().map_err(DriverError::Listen)?;
+    let url = endpoint::worker_url(local, config.cluster.advertise.as_deref());
     let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(1024);
     let service = server::build(inbound_tx, &config, token.clone());
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
@@ -94,22 +89,25 @@ pub async fn run(
             )
             .await
     });
-    tracing::info!(address = %local, job = %config.name, world_size = config.world_size, "coordinator listening");
+    tracing::info!(address = %local, job = %config.name, world_size = config.cluster.world_size, "coordinator listening");
+    println!("workers dial: {url}");
 
     let (launcher_tx, mut launcher_events) = mpsc::unbounded_channel();
     let plan = LaunchPlan {
-        world_size: config.world_size,
-        coordinator_url: format!("http://{local}"),
+        world_size: config.cluster.world_size,
+        coordinator_url: url,
         token,
         worker_binary,
         log_dir: config.checkpoint_dir.join("logs"),
     };
     let mut job = Job::new(
         JobParams {
-            world_size: config.world_size,
-            heartbeat_timeout: config.heartbeat_timeout,
-            rendezvous_timeout: config.rendezvous_timeout,
+            world_size: config.cluster.world_size,
+            heartbeat_timeout: config.cluster.heartbeat_timeout,
+            rendezvous_timeout: config.cluster.rendezvous_timeout,
             failure_grace: Duration::from_secs(1),
+            version: ferrotune_proto::VERSION.into(),
+            tracks_exits: launcher.tracks_exits(),
         },
         Instant::now(),
     );
@@ -122,7 +120,9 @@ pub async fn run(
         let _ = shutdown_tx.send(());
         return Err(e.into());
     }
-    tracing::info!(logs = %plan.log_dir.display(), "started {} workers", config.world_size);
+    if launcher.tracks_exits() {
+        tracing::info!(logs = %plan.log_dir.display(), "started {} workers", config.cluster.world_size);
+    }
 
     let mut pending: HashMap<String, oneshot::Sender<Reply>> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
@@ -159,8 +159,14 @@ pub async fn run(
                         }
                         tracing::info!(
                             "all {} workers registered; training starts",
-                            config.world_size
+                            config.cluster.world_size
                         );
+                        for (rank, w) in job.roster() {
+                            progress.message(format!(
+                                "rank {rank}: worker {} on host {} (collective {})",
+                                w.worker_id, w.host, w.peer_address
+                            ));
+                        }
                     }
                     Action::Reject { worker_id, reason } => {
                         tracing::warn!(%worker_id, "registration refused: {reason}");
@@ -241,11 +247,65 @@ pub async fn run(
     progress.finish();
     // Make sure nothing outlives the job, whatever the outcome.
     launcher.stop_all(STOP_GRACE).await;
+    if !launcher.tracks_exits() {
+        // Workers the coordinator cannot stop learn that the job is over from their next
+        // heartbeat; stragglers are turned away rather than left dialling a closed port.
+        let interval = config.cluster.heartbeat_interval;
+        let to_tell = job.live_ranks(Instant::now()).into_iter().collect();
+        drain(
+            &mut inbound,
+            to_tell,
+            interval.min(DRAIN_MIN),
+            interval * 2 + DRAIN_MIN,
+        )
+        .await;
+    }
     let _ = shutdown_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    // A graceful shutdown waits for every connection to close, and one to a host whose link is
+    // gone never does: give it a moment, then drop the server.
+    let abort = server.abort_handle();
+    if tokio::time::timeout(SERVER_CLOSE, server).await.is_err() {
+        abort.abort();
+    }
     Ok(JobReport {
         outcome,
         eval_before: progress.eval_before,
         eval_after: progress.eval_after,
     })
+}
+
+/// After the job is decided: every call is answered "the job is over", until each rank in
+/// `to_tell` has heard it (and `min` has passed), or `max` has passed.
+async fn drain(
+    inbound: &mut mpsc::Receiver<Inbound>,
+    mut to_tell: std::collections::HashSet<u32>,
+    min: Duration,
+    max: Duration,
+) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let until = if to_tell.is_empty() {
+            start + min
+        } else {
+            start + max
+        };
+        let Ok(Some(inb)) = tokio::time::timeout_at(until, inbound.recv()).await else {
+            return;
+        };
+        let over = "the job is over".to_string();
+        let answer = match inb.event {
+            Event::Heartbeat { rank, .. } => {
+                to_tell.remove(&rank);
+                Reply::Heartbeat {
+                    proceed: false,
+                    reason: over,
+                }
+            }
+            Event::CheckpointReady { .. } => Reply::Committed(Err(over)),
+            // A late Finish is an acknowledged report, not a refusal.
+            Event::Finished { .. } => Reply::Ack,
+            _ => Reply::Rejected(over),
+        };
+        let _ = inb.reply.send(answer);
+    }
 }

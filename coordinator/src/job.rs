@@ -14,6 +14,8 @@ pub struct WorkerInfo {
     pub host: String,
     pub local_index: u32,
     pub peer_address: String,
+    /// The worker binary's version; must equal the coordinator's.
+    pub version: String,
 }
 
 /// A worker's place in the current generation.
@@ -158,6 +160,18 @@ struct Member {
     exited: bool,
 }
 
+impl Member {
+    /// "rank 1 (worker w1 on host n2)": what a failure message names, so that an operator can
+    /// find the machine.
+    fn describe(&self) -> String {
+        let where_ = format!("worker {} on host {}", self.info.worker_id, self.info.host);
+        match self.rank {
+            Some(r) => format!("rank {r} ({where_})"),
+            None => format!("{where_} (no rank yet)"),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct JobParams {
     pub world_size: u32,
@@ -165,6 +179,11 @@ pub struct JobParams {
     pub rendezvous_timeout: Duration,
     /// How long to gather failure reports before deciding which one is the cause.
     pub failure_grace: Duration,
+    /// The version every worker must report (the coordinator's own).
+    pub version: String,
+    /// Whether the launcher owns the worker processes and reports their exits (local, Slurm).
+    /// Then success also waits for every process to end; with external workers it cannot.
+    pub tracks_exits: bool,
 }
 
 /// One failure report. When a worker dies its ring neighbours fail a moment later ("peer
@@ -275,7 +294,10 @@ impl Job {
                     m.reported_failure = !ok;
                 }
                 if !ok {
-                    self.record_failure(1, format!("rank {rank} failed: {error}"), now);
+                    let who = self
+                        .member_by_rank_mut(rank)
+                        .map_or(format!("rank {rank}"), |m| m.describe());
+                    self.record_failure(1, format!("{who} failed: {error}"), now);
                     return self.decide_failure(now);
                 }
                 self.check_complete()
@@ -293,6 +315,17 @@ impl Job {
     }
 
     fn on_register(&mut self, info: WorkerInfo, now: Instant) -> Vec<Action> {
+        // Checked before anything else: a stranger must not take a place in the group.
+        if info.version != self.params.version {
+            return vec![Action::Reject {
+                worker_id: info.worker_id,
+                reason: format!(
+                    "worker version {} does not match coordinator version {}: run the same ferrotune release on every host",
+                    if info.version.is_empty() { "(none)" } else { &info.version },
+                    self.params.version
+                ),
+            }];
+        }
         if self.phase != Phase::Rendezvous {
             return vec![Action::Reject {
                 worker_id: info.worker_id,
@@ -327,15 +360,14 @@ impl Job {
         }
     }
 
-    /// Stable ranks: ordered by host, then by the launcher's local index, then worker id.
+    /// Stable ranks: ordered by host (numbers in names by value: n2 before n10, pod-2 before
+    /// pod-10), then by the launcher's local index, then worker id.
     fn assign_ranks(&mut self, now: Instant) -> Vec<(String, Assignment)> {
         let mut order: Vec<&Member> = self.members.values().collect();
         order.sort_by(|a, b| {
-            (&a.info.host, a.info.local_index, &a.info.worker_id).cmp(&(
-                &b.info.host,
-                b.info.local_index,
-                &b.info.worker_id,
-            ))
+            natural_cmp(&a.info.host, &b.info.host)
+                .then(a.info.local_index.cmp(&b.info.local_index))
+                .then(a.info.worker_id.cmp(&b.info.worker_id))
         });
         let ids: Vec<String> = order.iter().map(|m| m.info.worker_id.clone()).collect();
         let peers: Vec<String> = order.iter().map(|m| m.info.peer_address.clone()).collect();
@@ -374,12 +406,12 @@ impl Job {
         last_line: Option<String>,
         now: Instant,
     ) -> Vec<Action> {
-        let (rank, finished, reported) = match self.members.get_mut(worker_id) {
+        let (finished, reported) = match self.members.get_mut(worker_id) {
             Some(m) => {
                 m.exited = true;
-                (m.rank, m.finished, m.reported_failure)
+                (m.finished, m.reported_failure)
             }
-            None => (None, false, false),
+            None => (false, false),
         };
         if success && finished {
             return self.check_complete();
@@ -388,9 +420,9 @@ impl Job {
             // Its own report already explains this exit.
             return self.decide_failure(now);
         }
-        let who = match rank {
-            Some(r) => format!("rank {r} (worker {worker_id})"),
-            None => format!("worker {worker_id} (no rank yet)"),
+        let who = match self.members.get(worker_id) {
+            Some(m) => m.describe(),
+            None => format!("worker {worker_id} (not registered)"),
         };
         let why = if success {
             "exited before finishing".to_string()
@@ -460,9 +492,8 @@ impl Job {
                 });
                 if let Some(m) = late {
                     let reason = format!(
-                        "rank {} (worker {}) sent no heartbeat for {:?}",
-                        m.rank.map_or("?".into(), |r| r.to_string()),
-                        m.info.worker_id,
+                        "{} sent no heartbeat for {:?} (lost, partitioned or frozen)",
+                        m.describe(),
                         self.params.heartbeat_timeout
                     );
                     return self.fail(reason);
@@ -490,8 +521,12 @@ impl Job {
     }
 
     fn check_complete(&mut self) -> Vec<Action> {
+        let tracks_exits = self.params.tracks_exits;
         let all = self.members.len() as u32 == self.params.world_size
-            && self.members.values().all(|m| m.finished && m.exited);
+            && self
+                .members
+                .values()
+                .all(|m| m.finished && (m.exited || !tracks_exits));
         if self.phase == Phase::Running && all {
             self.phase = Phase::Done;
             vec![Action::Done(Outcome::Succeeded {
@@ -508,9 +543,65 @@ impl Job {
         }
     }
 
+    /// Ranks that may still be running and listening: not finished, not gone, heard from within
+    /// the heartbeat timeout. After a failure these are the ones to tell that the job is over.
+    pub fn live_ranks(&self, now: Instant) -> Vec<u32> {
+        self.members
+            .values()
+            .filter(|m| {
+                !m.finished
+                    && !m.reported_failure
+                    && !m.exited
+                    && now.duration_since(m.last_seen) <= self.params.heartbeat_timeout
+            })
+            .filter_map(|m| m.rank)
+            .collect()
+    }
+
+    /// Workers by rank once ranks are assigned: (rank, identity).
+    pub fn roster(&self) -> Vec<(u32, &WorkerInfo)> {
+        let mut out: Vec<_> = self
+            .members
+            .values()
+            .filter_map(|m| m.rank.map(|r| (r, &m.info)))
+            .collect();
+        out.sort_by_key(|(r, _)| *r);
+        out
+    }
+
     fn member_by_rank_mut(&mut self, rank: u32) -> Option<&mut Member> {
         self.members.values_mut().find(|m| m.rank == Some(rank))
     }
+}
+
+/// Compares names with runs of digits taken as numbers, so `node2 < node10`.
+fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn chunks(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (ca, cb) = (chunks(a), chunks(b));
+    for (x, y) in ca.iter().zip(&cb) {
+        let o = match (x, y) {
+            ((true, dx), (true, dy)) => {
+                let (tx, ty) = (dx.trim_start_matches('0'), dy.trim_start_matches('0'));
+                tx.len().cmp(&ty.len()).then(tx.cmp(ty))
+            }
+            ((_, sx), (_, sy)) => sx.cmp(sy),
+        };
+        if o.is_ne() {
+            return o;
+        }
+    }
+    ca.len().cmp(&cb.len()).then(a.cmp(b))
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@ fn params(world_size: u32) -> JobParams {
         heartbeat_timeout: Duration::from_secs(10),
         rendezvous_timeout: Duration::from_secs(60),
         failure_grace: Duration::from_secs(1),
+        version: "1.2.3".into(),
+        tracks_exits: true,
     }
 }
 
@@ -15,6 +17,7 @@ fn worker(id: &str, host: &str, local_index: u32) -> Event {
         host: host.into(),
         local_index,
         peer_address: format!("{host}:{}", 9000 + local_index),
+        version: "1.2.3".into(),
     })
 }
 
@@ -144,7 +147,7 @@ fn killed_worker_is_blamed_over_the_neighbour_that_lost_it() {
     match &a[..] {
         [Action::StopWorkers { .. }, Action::Done(Outcome::Failed { reason })] => {
             assert!(
-                reason.starts_with("rank 1 (worker w1) was killed by signal 9"),
+                reason.starts_with("rank 1 (worker w1 on host h) was killed by signal 9"),
                 "{reason}"
             );
             assert!(reason.contains("its last log line: step 3"), "{reason}");
@@ -197,7 +200,7 @@ fn missed_heartbeats_fail_the_job() {
     match &a[..] {
         [Action::StopWorkers { reason }, Action::Done(Outcome::Failed { .. })] => {
             assert!(
-                reason.contains("rank 1 (worker w1) sent no heartbeat"),
+                reason.contains("rank 1 (worker w1 on host h) sent no heartbeat"),
                 "{reason}"
             );
         }
@@ -267,4 +270,90 @@ fn only_rank_zero_staging_is_committed_and_interrupt_stops() {
         job.handle(Event::Tick, t0).is_empty(),
         "a finished job ignores further events"
     );
+}
+
+#[test]
+fn a_worker_of_another_version_is_refused_and_the_rendezvous_goes_on() {
+    let t0 = Instant::now();
+    let mut job = Job::new(params(2), t0);
+    assert!(job.handle(worker("w0", "h", 0), t0).is_empty());
+    let mut stranger = worker("old", "h", 1);
+    if let Event::Registered(info) = &mut stranger {
+        info.version = "0.9.0".into();
+    }
+    match job.handle(stranger, t0).as_slice() {
+        [Action::Reject { worker_id, reason }] => {
+            assert_eq!(worker_id, "old");
+            assert!(
+                reason.contains("worker version 0.9.0 does not match coordinator version 1.2.3"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    // The refused worker took no place: the right one still completes the group.
+    let list = assignments(&job.handle(worker("w1", "h", 1), t0));
+    assert_eq!(list.len(), 2);
+    assert!(list.iter().all(|(id, _)| id != "old"));
+}
+
+#[test]
+fn without_exit_reports_finishing_ranks_decide_success() {
+    let t0 = Instant::now();
+    let mut p = params(2);
+    p.tracks_exits = false;
+    let mut job = Job::new(p, t0);
+    job.handle(worker("a", "h1", 0), t0);
+    assignments(&job.handle(worker("b", "h2", 0), t0));
+    let finish = |rank| Event::Finished {
+        rank,
+        ok: true,
+        error: String::new(),
+    };
+    assert!(job.handle(finish(0), t0).is_empty());
+    assert!(matches!(
+        job.handle(finish(1), t0).as_slice(),
+        [Action::Done(Outcome::Succeeded { .. })]
+    ));
+}
+
+#[test]
+fn a_reported_failure_names_rank_worker_and_host() {
+    let t0 = Instant::now();
+    let mut job = Job::new(params(2), t0);
+    job.handle(worker("a", "node-a", 0), t0);
+    job.handle(worker("b", "node-b", 0), t0);
+    let failed = Event::Finished {
+        rank: 1,
+        ok: false,
+        error: "host node-b cannot read data.train /x".into(),
+    };
+    assert!(job.handle(failed, t0).is_empty(), "reports gather first");
+    let later = t0 + Duration::from_secs(2);
+    match job.handle(Event::Tick, later).as_slice() {
+        [Action::StopWorkers { .. }, Action::Done(Outcome::Failed { reason })] => assert_eq!(
+            reason,
+            "rank 1 (worker b on host node-b) failed: host node-b cannot read data.train /x"
+        ),
+        other => panic!("expected failure, got {other:?}"),
+    }
+}
+
+#[test]
+fn hosts_with_numbers_are_ordered_by_value() {
+    assert!(natural_cmp("n2", "n10").is_lt());
+    assert!(natural_cmp("pod-10", "pod-9").is_gt());
+    assert!(natural_cmp("a", "b").is_lt());
+    assert!(
+        natural_cmp("n01", "n1").is_ne(),
+        "distinct names never compare equal"
+    );
+    assert!(natural_cmp("n1", "n1a").is_lt());
+    let t0 = Instant::now();
+    let mut job = Job::new(params(3), t0);
+    job.handle(worker("x", "node10", 0), t0);
+    job.handle(worker("y", "node9", 0), t0);
+    let list = assignments(&job.handle(worker("z", "node1", 0), t0));
+    let order: Vec<&str> = list.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(order, vec!["z", "y", "x"]);
 }

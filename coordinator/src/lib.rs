@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod datacheck;
 pub mod driver;
+pub mod endpoint;
 pub mod job;
 pub mod launcher;
 pub mod progress;
@@ -19,7 +20,7 @@ use std::path::PathBuf;
 /// Where the worker binary is: the config's `cluster.worker_binary`, else `FERROTUNE_WORKER_BIN`,
 /// else `worker` next to this executable (how `cargo build` and the container images lay it out).
 pub fn resolve_worker_binary(config: &config::JobConfig) -> Result<PathBuf, String> {
-    if let Some(p) = &config.worker_binary {
+    if let Some(p) = &config.cluster.worker_binary {
         return Ok(p.clone());
     }
     if let Some(p) = std::env::var_os("FERROTUNE_WORKER_BIN") {

@@ -3,7 +3,8 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ferrotune_coordinator::{
-    checkpoint, config, datacheck, driver, job::Outcome, launcher, resolve_worker_binary, resume,
+    checkpoint, config, datacheck, driver, endpoint, job::Outcome, launcher, resolve_worker_binary,
+    resume,
 };
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -101,7 +102,7 @@ fn main() -> ExitCode {
                 "{}: ok (job {}, {} workers, {} steps)",
                 config.display(),
                 c.name,
-                c.world_size,
+                c.cluster.world_size,
                 c.steps
             );
             ExitCode::SUCCESS
@@ -109,6 +110,11 @@ fn main() -> ExitCode {
         Command::Launch { config, resume } => {
             let mut c = match load(&config) {
                 Ok(c) => c,
+                Err(code) => return code,
+            };
+            // Everything that can be refused without reading data comes first.
+            let startup = match prepare_startup(&c) {
+                Ok(s) => s,
                 Err(code) => return code,
             };
             if let Some(requested) = resume {
@@ -133,7 +139,7 @@ fn main() -> ExitCode {
                     );
                 }
             }
-            match launch(c) {
+            match launch(c, startup) {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -144,14 +150,53 @@ fn main() -> ExitCode {
     }
 }
 
-fn launch(config: config::JobConfig) -> anyhow::Result<ExitCode> {
-    let worker = resolve_worker_binary(&config).map_err(anyhow::Error::msg)?;
+fn bad_input(message: impl std::fmt::Display, hint: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}\n  hint: {hint}");
+    ExitCode::from(EXIT_BAD_INPUT)
+}
+
+/// The launcher, the job token and the bound listener: each refused with exit 2 and a hint
+/// before any dataset is read or any worker started.
+fn prepare_startup(c: &config::JobConfig) -> Result<driver::Startup, ExitCode> {
+    use config::LauncherKind;
+    let env = |name: &str| std::env::var(name).ok();
+    let launcher: Box<dyn launcher::Launcher> = match c.cluster.launcher {
+        LauncherKind::Local => Box::new(launcher::local::LocalLauncher::new()),
+        LauncherKind::External => Box::new(launcher::external::ExternalLauncher),
+        LauncherKind::Slurm => {
+            use launcher::slurm::{Allocation, SlurmLauncher};
+            match Allocation::from_env(&env)
+                .and_then(|a| SlurmLauncher::new(a, c.cluster.world_size))
+            {
+                Ok(l) => Box::new(l),
+                Err(e) => return Err(bad_input(&e, e.hint())),
+            }
+        }
+    };
+    let worker_binary = if launcher.tracks_exits() {
+        resolve_worker_binary(c).map_err(|e| {
+            bad_input(
+                e,
+                "build the workspace, or point cluster.worker_binary at the worker",
+            )
+        })?
+    } else {
+        PathBuf::new()
+    };
+    let token = endpoint::job_token(c, &env).map_err(|e| bad_input(&e, e.hint()))?;
+    let listener = endpoint::bind(c.cluster.listen).map_err(|e| bad_input(&e, e.hint()))?;
+    Ok(driver::Startup {
+        listener,
+        token,
+        worker_binary,
+        launcher,
+    })
+}
+
+fn launch(config: config::JobConfig, startup: driver::Startup) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     // The driver runs on this (main) thread: workers' parent-death signal is tied to the thread
     // that forked them, and this one lives as long as the job.
-    let launcher: Box<dyn launcher::Launcher> = match config.launcher {
-        config::LauncherKind::Local => Box::new(launcher::local::LocalLauncher::new()),
-    };
     let (source, checkpoints) = (config.source.clone(), config.checkpoint_dir.clone());
     // After a failure or an interrupt: how to go on from the newest committed checkpoint.
     let resume_hint = || {
@@ -162,7 +207,7 @@ fn launch(config: config::JobConfig) -> anyhow::Result<ExitCode> {
             );
         }
     };
-    let report = runtime.block_on(driver::run(config, worker, launcher))?;
+    let report = runtime.block_on(driver::run(config, startup))?;
     Ok(match report.outcome {
         Outcome::Succeeded { final_checkpoint } => {
             if let (Some(before), Some(after)) = (report.eval_before, report.eval_after) {

@@ -90,7 +90,7 @@ pub fn changed_datasets(resume: &Resume, train_caches: &[String]) -> Vec<usize> 
 }
 
 fn check(config: &JobConfig, dir: &Path, saved: &Saved) -> Result<(), String> {
-    let global_batch = u64::from(config.world_size)
+    let global_batch = u64::from(config.cluster.world_size)
         * u64::from(config.micro_batch_size)
         * u64::from(config.grad_accum_steps);
     let source = config.source.display();

@@ -50,8 +50,12 @@ pub fn build(
         if given == Some(token.as_str()) {
             Ok(req)
         } else {
+            let from = req
+                .remote_addr()
+                .map_or("an unknown address".to_string(), |a| a.to_string());
+            tracing::warn!("refused a call from {from}: missing or wrong job token");
             Err(Status::unauthenticated(
-                "missing or wrong job token: workers get it from the launcher in FERROTUNE_JOB_TOKEN",
+                "missing or wrong job token: give the worker the job's token in FERROTUNE_JOB_TOKEN or --token-file",
             ))
         }
     })
@@ -112,10 +116,11 @@ fn training_spec(c: &JobConfig) -> pb::TrainingSpec {
             resume_from: c.resume.as_ref().map(|r| path(&r.dir)).unwrap_or_default(),
         }),
         // 0 lets each worker divide its own host's cores among the workers there.
-        intra_op_threads: c.threads_per_worker.unwrap_or(0),
-        collective_timeout_ms: c.collective_timeout.as_millis() as u64,
-        heartbeat_interval_ms: c.heartbeat_interval.as_millis() as u64,
-        bucket_bytes: c.bucket_bytes,
+        intra_op_threads: c.cluster.threads_per_worker.unwrap_or(0),
+        collective_timeout_ms: c.cluster.collective_timeout.as_millis() as u64,
+        heartbeat_interval_ms: c.cluster.heartbeat_interval.as_millis() as u64,
+        heartbeat_timeout_ms: c.cluster.heartbeat_timeout.as_millis() as u64,
+        bucket_bytes: c.cluster.bucket_bytes,
         log_every_steps: c.log_every_steps,
         device: "cpu".into(),
     }
@@ -158,6 +163,7 @@ impl Coordinator for Service {
             host: r.host,
             local_index: r.local_index,
             peer_address: r.peer_address,
+            version: r.worker_version,
         };
         match self.send(Event::Registered(info)).await? {
             Reply::Assigned(a) => Ok(Response::new(pb::RegisterResponse {

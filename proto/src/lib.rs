@@ -13,3 +13,6 @@ pub const TOKEN_METADATA_KEY: &str = "x-ferrotune-token";
 /// Environment variable through which launchers hand the job token to a worker (not argv, so it
 /// does not show in `ps`).
 pub const TOKEN_ENV: &str = "FERROTUNE_JOB_TOKEN";
+/// The ferrotune release both binaries are built from. A worker of another release is refused at
+/// registration: the API is versioned, but the training semantics behind it are not.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

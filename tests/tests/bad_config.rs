@@ -99,3 +99,82 @@ fn each_invalid_config_gets_a_located_message() {
         );
     }
 }
+
+/// Refusals that depend on where `launch` runs rather than on the file alone: each exits 2 with
+/// the reason and a hint, before any dataset is read or any worker started.
+#[test]
+fn launch_refuses_what_it_cannot_start() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(tiny_example(tmp.path())).unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = held.local_addr().unwrap();
+    let cluster = |lines: &str| {
+        good.replace(
+            "  launcher: local\n  world_size: 2\n",
+            &format!("{lines}  world_size: 2\n"),
+        )
+    };
+    let cases = [
+        (
+            "slurm outside an allocation",
+            cluster("  launcher: slurm\n"),
+            "launcher: slurm runs inside a Slurm allocation, and SLURM_JOB_ID is not set",
+            "sbatch deploy/slurm/ferrotune.sbatch",
+        ),
+        (
+            "a listen address in use",
+            cluster(&format!("  launcher: local\n  listen: {busy}\n")),
+            &*format!("cannot listen for workers on {busy} (cluster.listen)"),
+            "pick a free one",
+        ),
+        (
+            "a listen address of another host",
+            cluster("  launcher: local\n  listen: 192.0.2.1:0\n"),
+            "cannot listen for workers on 192.0.2.1:0 (cluster.listen)",
+            "not one of this host's",
+        ),
+        (
+            "external without a token",
+            cluster("  launcher: external\n  listen: 127.0.0.1:0\n"),
+            "launcher: external needs a job token",
+            "cluster.token_file",
+        ),
+        (
+            "external without listen",
+            cluster("  launcher: external\n"),
+            "`cluster.listen`",
+            "listen: 0.0.0.0:50051",
+        ),
+    ];
+    for (what, text, message, hint) in cases {
+        let path = tmp.path().join("launch.yaml");
+        std::fs::write(&path, &text).unwrap();
+        let mut cmd = std::process::Command::new(bin("coordinator"));
+        cmd.arg("launch")
+            .arg(&path)
+            .env_remove("SLURM_JOB_ID")
+            .env_remove("FERROTUNE_JOB_TOKEN");
+        let mut run = Launch::spawn(cmd);
+        let status = run.wait(Duration::from_secs(20));
+        let err = run.stderr_text();
+        assert_eq!(status.code(), Some(2), "{what}: exit code; stderr:\n{err}");
+        assert!(
+            err.contains(message),
+            "{what}: expected {message:?} in:\n{err}"
+        );
+        assert!(
+            err.contains(hint),
+            "{what}: expected hint {hint:?} in:\n{err}"
+        );
+        assert!(!err.contains("panicked"), "{what}:\n{err}");
+        assert!(
+            wait_no_tagged(&run.tag, Duration::from_secs(2)).is_empty(),
+            "{what}: processes left behind"
+        );
+        assert!(
+            !tmp.path().join("runs").exists(),
+            "{what}: nothing may be written before the launch is possible"
+        );
+    }
+}

@@ -51,10 +51,7 @@ fn killing_a_worker_fails_the_job_naming_the_rank() {
         took < Duration::from_secs(10),
         "coordinator took {took:?} to give up"
     );
-    assert!(
-        err.contains("rank 1 (worker local-1) was killed by signal 9"),
-        "{err}"
-    );
+    assert!(err.contains("rank 1 (worker local-1 on host "), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     let left = wait_no_tagged(&run.tag, Duration::from_secs(3));
     assert!(left.is_empty(), "processes left behind: {left:?}");

@@ -97,7 +97,7 @@ impl Agent {
             }],
             peer_address: me.peer_address.clone(),
             pid: std::process::id(),
-            worker_version: env!("CARGO_PKG_VERSION").into(),
+            worker_version: ferrotune_proto::VERSION.into(),
         };
         let answer = self.client.clone().register(request).await?.into_inner();
         let a = answer
@@ -137,11 +137,13 @@ impl Agent {
         Ok((r.command == pb::Command::Abort as i32).then_some(r.reason))
     }
 
+    /// Reports the outcome; gives up after `limit` (the coordinator may be gone).
     pub async fn finish(
         &self,
         rank: usize,
         generation: u64,
         error: Option<String>,
+        limit: Duration,
     ) -> Result<(), AgentError> {
         let request = pb::FinishRequest {
             rank: rank as u32,
@@ -149,8 +151,12 @@ impl Agent {
             ok: error.is_none(),
             error: error.unwrap_or_default(),
         };
-        self.client.clone().finish(request).await?;
-        Ok(())
+        match tokio::time::timeout(limit, self.client.clone().finish(request)).await {
+            Ok(answer) => answer.map(drop).map_err(AgentError::from),
+            Err(_) => Err(AgentError::Rpc(Status::deadline_exceeded(format!(
+                "no answer within {limit:?}"
+            )))),
+        }
     }
 }
 
@@ -217,6 +223,12 @@ fn spec_from_pb(s: pb::TrainingSpec) -> Result<TrainSpec, AgentError> {
         intra_op_threads: s.intra_op_threads as usize,
         collective_timeout: Duration::from_millis(s.collective_timeout_ms.max(1)),
         heartbeat_interval: Duration::from_millis(s.heartbeat_interval_ms.max(10)),
+        heartbeat_timeout: match s.heartbeat_timeout_ms {
+            // From a coordinator that does not send it: what workers used before.
+            0 => Duration::from_millis(s.heartbeat_interval_ms.max(10) * 10)
+                .max(Duration::from_secs(15)),
+            ms => Duration::from_millis(ms),
+        },
         bucket_bytes: s.bucket_bytes as usize,
         log_every_steps: s.log_every_steps.max(1) as u64,
     })
@@ -304,40 +316,58 @@ impl Reporter for GrpcReporter {
     }
 }
 
+pub struct HeartbeatTiming {
+    pub interval: Duration,
+    pub give_up: Duration,
+    pub exit_after: Duration,
+    pub exit_code: i32,
+}
+
 /// Sends heartbeats until the process ends. Flags an abort when the coordinator says so, or
-/// when it has been unreachable for `give_up` (a worker must not outlive its job).
+/// when it has been unreachable for `give_up` (a worker must not outlive its job). A worker
+/// that has not ended `exit_after` after the flag (blocked in a collective with a lost peer, or
+/// in a call to a coordinator that vanished) exits here with `exit_code`.
 pub async fn heartbeat_loop(
     agent: Agent,
     placement: Placement,
-    interval: Duration,
-    give_up: Duration,
+    timing: HeartbeatTiming,
     abort: Arc<Mutex<Option<String>>>,
     current_step: Arc<std::sync::atomic::AtomicU64>,
 ) {
+    let HeartbeatTiming {
+        interval,
+        give_up,
+        exit_after,
+        exit_code,
+    } = timing;
     let mut last_ok = Instant::now();
     let mut ticker = tokio::time::interval(interval);
-    loop {
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A call over a dead link would otherwise wait for TCP to give up, minutes later.
+    let call_limit = (interval * 2).max(Duration::from_secs(1));
+    let reason = loop {
         ticker.tick().await;
         let step = current_step.load(std::sync::atomic::Ordering::Relaxed);
-        let reason = match agent
-            .heartbeat(placement.rank, placement.generation, step)
-            .await
-        {
-            Ok(None) => {
-                last_ok = Instant::now();
-                None
-            }
-            Ok(Some(reason)) => Some(format!("the coordinator ended the job: {reason}")),
-            Err(e) if last_ok.elapsed() > give_up => Some(format!(
-                "no contact with the coordinator for {give_up:?}: {e}"
-            )),
-            Err(_) => None,
+        let beat = agent.heartbeat(placement.rank, placement.generation, step);
+        let answer = match tokio::time::timeout(call_limit, beat).await {
+            Ok(answer) => answer.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {call_limit:?}")),
         };
-        if let Some(reason) = reason {
-            if let Ok(mut a) = abort.lock() {
-                *a = Some(reason);
+        match answer {
+            Ok(None) => last_ok = Instant::now(),
+            Ok(Some(reason)) => break format!("the coordinator ended the job: {reason}"),
+            Err(e) if last_ok.elapsed() > give_up => {
+                break format!("no contact with the coordinator for {give_up:?}: {e}")
             }
-            return;
+            Err(_) => {}
         }
+    };
+    tracing::warn!("{reason}");
+    if let Ok(mut a) = abort.lock() {
+        *a = Some(reason);
     }
+    tokio::time::sleep(exit_after).await;
+    tracing::error!("still running {exit_after:?} after being told to stop; exiting");
+    eprintln!("error: stopped by the coordinator, or lost contact with it; exiting");
+    std::process::exit(exit_code);
 }

@@ -5,8 +5,9 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferrotune_worker::commands;
+use ferrotune_worker::identity;
 use ferrotune_worker::infer::Sampling;
-use ferrotune_worker::run::{run, RunArgs};
+use ferrotune_worker::run::{self, RunArgs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -23,24 +24,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Join a job and train.
+    /// Join a job and train. The job token comes from FERROTUNE_JOB_TOKEN or --token-file,
+    /// never from the command line (it would show in `ps`).
     Run {
         /// Coordinator gRPC endpoint, e.g. http://10.0.0.5:50051.
         #[arg(long)]
         coordinator: String,
-        /// Launcher-given identity, stable across restarts.
+        /// File holding the job token (wins over FERROTUNE_JOB_TOKEN).
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
+        /// Identity stable across restarts of the same slot [default: $SLURM_JOB_ID.$SLURM_PROCID
+        /// under Slurm, the pod's host name under an Indexed Job, else HOST:LOCAL_INDEX].
         #[arg(long)]
-        worker_id: String,
-        /// Host name used to order ranks (default: this machine's host name).
+        worker_id: Option<String>,
+        /// Host name ranks are ordered by [default: $SLURMD_NODENAME, else the kernel's].
         #[arg(long)]
         host: Option<String>,
-        /// This worker's index among the workers of its host.
-        #[arg(long, default_value_t = 0)]
-        local_index: u32,
+        /// Index among the workers of this host [default: $SLURM_LOCALID, $LOCAL_RANK, else 0].
+        #[arg(long)]
+        local_index: Option<u32>,
         /// Address the gradient collective listens on.
-        #[arg(long, default_value = "127.0.0.1")]
-        bind: String,
-        /// Address peers dial to reach this worker (default: --bind).
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: std::net::IpAddr,
+        /// Address peers dial to reach this worker [default: --bind if concrete, else this
+        /// host's address on the route to the coordinator].
         #[arg(long)]
         advertise: Option<String>,
     },
@@ -142,39 +149,47 @@ fn main() -> ExitCode {
         } => report(commands::device(&device).and_then(|d| commands::score(&model, &input, d))),
         Command::Run {
             coordinator,
+            token_file,
             worker_id,
             host,
             local_index,
             bind,
             advertise,
         } => {
-            let Ok(token) = std::env::var(ferrotune_proto::TOKEN_ENV) else {
-                eprintln!(
-                    "error: {} is not set: the launcher passes the job token to each worker",
-                    ferrotune_proto::TOKEN_ENV
-                );
-                return ExitCode::from(2);
-            };
-            let host = host.unwrap_or_else(|| {
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|s| s.trim().to_string())
-                    .unwrap_or_else(|_| "localhost".into())
-            });
-            let args = RunArgs {
-                coordinator,
-                token,
+            let flags = identity::Flags {
+                token_file,
                 worker_id,
                 host,
                 local_index,
+            };
+            let env = |name: &str| std::env::var(name).ok();
+            let resolved =
+                identity::resolve(&flags, &env, &identity::kernel_hostname()).and_then(|id| {
+                    let peer =
+                        identity::advertised_address(bind, advertise.as_deref(), &coordinator)?;
+                    Ok((id, peer))
+                });
+            let (id, advertise) = match resolved {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(run::EXIT_REFUSED);
+                }
+            };
+            let args = RunArgs {
+                coordinator,
+                token: id.token,
+                worker_id: id.worker_id,
+                host: id.host,
+                local_index: id.local_index,
                 bind,
                 advertise,
             };
-            match run(args) {
+            match run::run(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code())
                 }
             }
         }

@@ -57,6 +57,9 @@ pub struct TrainSpec {
     pub intra_op_threads: usize,
     pub collective_timeout: Duration,
     pub heartbeat_interval: Duration,
+    /// The coordinator declares a silent worker lost after this; the worker gives up on an
+    /// unreachable coordinator after the same time.
+    pub heartbeat_timeout: Duration,
     pub bucket_bytes: usize,
     pub log_every_steps: u64,
 }

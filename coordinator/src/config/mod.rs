@@ -30,33 +30,6 @@ struct JobSection {
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum LauncherKind {
-    Local,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ClusterSection {
-    launcher: LauncherKind,
-    world_size: Spanned<u32>,
-    #[serde(default)]
-    threads_per_worker: Option<Spanned<u32>>,
-    #[serde(default = "defaults::heartbeat_interval_s")]
-    heartbeat_interval_s: Spanned<f64>,
-    #[serde(default = "defaults::heartbeat_timeout_s")]
-    heartbeat_timeout_s: Spanned<f64>,
-    #[serde(default = "defaults::rendezvous_timeout_s")]
-    rendezvous_timeout_s: Spanned<f64>,
-    #[serde(default = "defaults::collective_timeout_s")]
-    collective_timeout_s: Spanned<f64>,
-    #[serde(default = "defaults::bucket_mb")]
-    bucket_mb: Spanned<f64>,
-    #[serde(default)]
-    worker_binary: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
 pub enum ModelInit {
     /// Load model.safetensors from the model directory.
     Pretrained,
@@ -121,21 +94,6 @@ mod defaults {
     fn unspanned<T>(value: T) -> Spanned<T> {
         Spanned::new(value, Location::UNKNOWN, Location::UNKNOWN)
     }
-    pub fn heartbeat_interval_s() -> Spanned<f64> {
-        unspanned(1.0)
-    }
-    pub fn heartbeat_timeout_s() -> Spanned<f64> {
-        unspanned(10.0)
-    }
-    pub fn rendezvous_timeout_s() -> Spanned<f64> {
-        unspanned(120.0)
-    }
-    pub fn collective_timeout_s() -> Spanned<f64> {
-        unspanned(60.0)
-    }
-    pub fn bucket_mb() -> Spanned<f64> {
-        unspanned(25.0)
-    }
     pub fn init() -> ModelInit {
         ModelInit::Pretrained
     }
@@ -171,15 +129,7 @@ pub struct JobConfig {
     pub source: PathBuf,
     pub name: String,
     pub seed: u64,
-    pub launcher: LauncherKind,
-    pub world_size: u32,
-    pub threads_per_worker: Option<u32>,
-    pub heartbeat_interval: Duration,
-    pub heartbeat_timeout: Duration,
-    pub rendezvous_timeout: Duration,
-    pub collective_timeout: Duration,
-    pub bucket_bytes: u64,
-    pub worker_binary: Option<PathBuf>,
+    pub cluster: ClusterConfig,
     pub model_path: PathBuf,
     pub model_init: ModelInit,
     pub data: DataConfig,
@@ -226,14 +176,24 @@ pub fn load(path: &Path) -> Result<JobConfig, ConfigError> {
     Ok(config)
 }
 
-/// Parses and validates config text; `base` resolves relative paths.
+/// Parses and validates config text; `base` resolves relative paths. `world_size: auto` reads
+/// this process's environment.
 pub fn parse(text: &str, base: &Path) -> Result<JobConfig, Vec<Issue>> {
+    parse_with_env(text, base, &|name| std::env::var(name).ok())
+}
+
+/// [`parse`] with the environment given as a lookup function.
+pub fn parse_with_env(
+    text: &str,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<JobConfig, Vec<Issue>> {
     let file: ClusterFile = serde_saphyr::from_str(text).map_err(|e| vec![yaml_issue(&e, text)])?;
     let mut checks = Checks {
         issues: Vec::new(),
         base,
     };
-    let config = checks.validate(file);
+    let config = checks.validate(file, env);
     if checks.issues.is_empty() {
         Ok(config)
     } else {
@@ -326,44 +286,8 @@ impl Checks<'_> {
         path
     }
 
-    fn validate(&mut self, f: ClusterFile) -> JobConfig {
-        let world_size = self.positive_u32(&f.cluster.world_size, "cluster.world_size");
-        let threads_per_worker = f
-            .cluster
-            .threads_per_worker
-            .as_ref()
-            .map(|t| self.positive_u32(t, "cluster.threads_per_worker"));
-        let heartbeat_interval = self.seconds(
-            &f.cluster.heartbeat_interval_s,
-            "cluster.heartbeat_interval_s",
-        );
-        let heartbeat_timeout = self.seconds(
-            &f.cluster.heartbeat_timeout_s,
-            "cluster.heartbeat_timeout_s",
-        );
-        if heartbeat_timeout <= heartbeat_interval {
-            self.push(
-                &f.cluster.heartbeat_timeout_s,
-                "cluster.heartbeat_timeout_s",
-                "must be longer than cluster.heartbeat_interval_s".into(),
-                "allow several heartbeats per timeout, e.g. interval 1, timeout 10",
-            );
-        }
-        let rendezvous_timeout = self.seconds(
-            &f.cluster.rendezvous_timeout_s,
-            "cluster.rendezvous_timeout_s",
-        );
-        let collective_timeout = self.seconds(
-            &f.cluster.collective_timeout_s,
-            "cluster.collective_timeout_s",
-        );
-        let bucket_mb = self.finite_at_least(&f.cluster.bucket_mb, "cluster.bucket_mb", 0.0, true);
-        let worker_binary = f
-            .cluster
-            .worker_binary
-            .as_ref()
-            .map(|b| self.existing(b, "cluster.worker_binary", false));
-
+    fn validate(&mut self, f: ClusterFile, env: &dyn Fn(&str) -> Option<String>) -> JobConfig {
+        let cluster = self.cluster(&f.cluster, env);
         let model_path = self.existing(&f.model.path, "model.path", true);
         if model_path.is_dir() {
             let has = |name: &str| model_path.join(name).is_file();
@@ -503,15 +427,7 @@ impl Checks<'_> {
             source: PathBuf::new(),
             name: f.job.name,
             seed: f.job.seed,
-            launcher: f.cluster.launcher,
-            world_size,
-            threads_per_worker,
-            heartbeat_interval,
-            heartbeat_timeout,
-            rendezvous_timeout,
-            collective_timeout,
-            bucket_bytes: (bucket_mb * 1024.0 * 1024.0).max(4.0) as u64,
-            worker_binary,
+            cluster,
             model_path,
             model_init: f.model.init,
             data,
@@ -560,8 +476,11 @@ fn parse_size(text: &str) -> Option<u64> {
     Some((number * scale) as u64)
 }
 
+mod cluster;
 mod data;
 mod issues;
+use cluster::ClusterSection;
+pub use cluster::{ClusterConfig, LauncherKind, WORLD_SIZE_ENVS};
 use data::DataSection;
 pub use data::{DataConfig, DatasetConfig};
 use issues::yaml_issue;

@@ -38,7 +38,7 @@ fn issues_for(text: &str, dir: &Path) -> Vec<Issue> {
 fn valid_config_resolves_paths_against_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     let c = parse(&fixture(tmp.path()), tmp.path()).unwrap();
-    assert_eq!(c.world_size, 2);
+    assert_eq!(c.cluster.world_size, 2);
     assert_eq!(c.model_path, tmp.path().join("base"));
     assert_eq!(c.checkpoint_dir, tmp.path().join("out"));
     assert_eq!(c.grad_accum_steps, 1);
@@ -46,7 +46,7 @@ fn valid_config_resolves_paths_against_the_file() {
         (c.min_lr - 1.0e-4).abs() < 1e-15,
         "min_lr defaults to lr / 10"
     );
-    assert_eq!(c.bucket_bytes, 25 * 1024 * 1024);
+    assert_eq!(c.cluster.bucket_bytes, 25 * 1024 * 1024);
 }
 
 #[test]
@@ -292,4 +292,114 @@ fn precision_is_fp32_by_default_and_checked() {
     let issues = issues_for(&bad, tmp.path());
     assert_eq!(issues[0].field, "model.precision");
     assert!(issues[0].message.contains("unknown precision `fp8`"));
+}
+
+fn with_cluster(dir: &Path, cluster_lines: &str) -> String {
+    fixture(dir).replace(
+        "cluster:\n  launcher: local\n  world_size: 2\n",
+        &format!("cluster:\n{cluster_lines}"),
+    )
+}
+
+#[test]
+fn listen_defaults_per_launcher_and_external_requires_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = parse(&fixture(tmp.path()), tmp.path()).unwrap();
+    assert_eq!(c.cluster.listen.to_string(), "127.0.0.1:0");
+    let slurm = with_cluster(tmp.path(), "  launcher: slurm\n  world_size: 2\n");
+    let c = parse(&slurm, tmp.path()).unwrap();
+    assert_eq!(c.cluster.listen.to_string(), "0.0.0.0:0");
+
+    let external = with_cluster(tmp.path(), "  launcher: external\n  world_size: 2\n");
+    let issues = issues_for(&external, tmp.path());
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert_eq!(issues[0].field, "cluster.listen");
+    assert_eq!(issues[0].line, 6, "points into the cluster section");
+    assert!(issues[0]
+        .hint
+        .as_deref()
+        .unwrap()
+        .contains("listen: 0.0.0.0:50051"));
+
+    let bad = with_cluster(
+        tmp.path(),
+        "  launcher: external\n  world_size: 2\n  listen: coordinator:50051\n",
+    );
+    let i = &issues_for(&bad, tmp.path())[0];
+    assert_eq!(
+        (i.field.as_str(), i.line, i.column),
+        ("cluster.listen", 7, 11)
+    );
+    assert!(
+        i.message.contains("not an IP address with a port"),
+        "{}",
+        i.message
+    );
+}
+
+#[test]
+fn world_size_auto_reads_slurm_then_ferrotune_variables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = with_cluster(tmp.path(), "  launcher: slurm\n  world_size: auto\n");
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    let both = env(&[("SLURM_NTASKS", "6"), ("FERROTUNE_WORLD_SIZE", "3")]);
+    let c = parse_with_env(&text, tmp.path(), &both).unwrap();
+    assert_eq!(c.cluster.world_size, 6);
+    let ours = env(&[("FERROTUNE_WORLD_SIZE", "3")]);
+    assert_eq!(
+        parse_with_env(&text, tmp.path(), &ours)
+            .unwrap()
+            .cluster
+            .world_size,
+        3
+    );
+
+    let none = parse_with_env(&text, tmp.path(), &env(&[])).unwrap_err();
+    assert_eq!(
+        (none[0].field.as_str(), none[0].line),
+        ("cluster.world_size", 6)
+    );
+    assert!(
+        none[0].message.contains("neither SLURM_NTASKS"),
+        "{}",
+        none[0].message
+    );
+    let junk = parse_with_env(&text, tmp.path(), &env(&[("SLURM_NTASKS", "x")])).unwrap_err();
+    assert!(
+        junk[0].message.contains("SLURM_NTASKS=\"x\""),
+        "{}",
+        junk[0].message
+    );
+
+    let word = with_cluster(tmp.path(), "  launcher: local\n  world_size: many\n");
+    let i = &issues_for(&word, tmp.path())[0];
+    assert!(i.message.contains("got `many`"), "{}", i.message);
+}
+
+#[test]
+fn token_file_is_read_relative_to_the_config_and_trimmed() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("job.token"), "\n  abc123  \n").unwrap();
+    let text = with_cluster(
+        tmp.path(),
+        "  launcher: external\n  world_size: 2\n  listen: 0.0.0.0:50051\n  token_file: job.token\n",
+    );
+    let c = parse(&text, tmp.path()).unwrap();
+    assert_eq!(c.cluster.token_from_file.as_deref(), Some("abc123"));
+    assert_eq!(c.cluster.launcher, LauncherKind::External);
+
+    let missing = text.replace("job.token", "nope.token");
+    let i = &issues_for(&missing, tmp.path())[0];
+    assert_eq!((i.field.as_str(), i.line), ("cluster.token_file", 8));
+    assert!(i.message.contains("nope.token"), "{}", i.message);
+    std::fs::write(tmp.path().join("job.token"), "  \n").unwrap();
+    let i = &issues_for(&text, tmp.path())[0];
+    assert!(i.message.contains("holds no usable token"), "{}", i.message);
 }

@@ -3,7 +3,10 @@
 //! A worker needs only the coordinator's address and the job token to join, so anything that can
 //! start a process with those (this module, an sbatch script, a Kubernetes Job) can host it.
 
+mod children;
+pub mod external;
 pub mod local;
+pub mod slurm;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -21,6 +24,15 @@ pub struct LaunchPlan {
     pub worker_binary: PathBuf,
     /// Where each worker's stdout/stderr is kept (`worker-<i>.log`).
     pub log_dir: PathBuf,
+}
+
+impl LaunchPlan {
+    fn create_log_dir(&self) -> Result<(), LaunchError> {
+        std::fs::create_dir_all(&self.log_dir).map_err(|source| LaunchError::LogDir {
+            dir: self.log_dir.clone(),
+            source,
+        })
+    }
 }
 
 /// What a launcher reports about the processes it manages.
@@ -62,4 +74,10 @@ pub trait Launcher: Send {
     /// Asks every worker to stop, forces those still running after `grace`, and returns only
     /// once no worker process is left.
     fn stop_all(&mut self, grace: Duration) -> BoxFuture<'_, ()>;
+
+    /// Whether this launcher owns the worker processes and reports every exit. When it does not
+    /// (external workers), success is decided by the workers' own Finish reports alone.
+    fn tracks_exits(&self) -> bool {
+        true
+    }
 }

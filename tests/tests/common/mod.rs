@@ -1,6 +1,8 @@
 //! Helpers for driving the real binaries as a user would.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -188,12 +190,21 @@ impl Launch {
 
     /// `coordinator launch CONFIG ARGS...`
     pub fn start_with(config: &Path, args: &[&str]) -> Launch {
-        let tag = unique_tag();
-        let mut child = Command::new(bin("coordinator"))
-            .arg("launch")
-            .arg(config)
-            .args(args)
-            .env("FERROTUNE_TEST_TAG", &tag)
+        let mut cmd = Command::new(bin("coordinator"));
+        cmd.arg("launch").arg(config).args(args);
+        Self::spawn(cmd)
+    }
+
+    /// Runs `cmd` (any process of the job: a coordinator, a worker, `ip netns exec ...`) tagged
+    /// with a fresh FERROTUNE_TEST_TAG, its output collected.
+    pub fn spawn(cmd: Command) -> Launch {
+        Self::spawn_tagged(cmd, &unique_tag())
+    }
+
+    /// Like [`Launch::spawn`] with a given tag, so that several processes share one.
+    pub fn spawn_tagged(mut cmd: Command, tag: &str) -> Launch {
+        let mut child = cmd
+            .env("FERROTUNE_TEST_TAG", tag)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -214,13 +225,37 @@ impl Launch {
         let stderr = collect(Box::new(child.stderr.take().unwrap()));
         Launch {
             child,
-            tag,
+            tag: tag.to_string(),
             stdout,
             stderr,
         }
     }
 
-    /// Waits for exit; kills the coordinator and fails the test past `limit`.
+    /// Waits until a line of stdout satisfies `found` and returns it; fails the test when the
+    /// process exits first or `limit` passes.
+    pub fn wait_for_line(&mut self, limit: Duration, found: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = self.stdout.lock().unwrap().iter().find(|l| found(l)) {
+                return line.clone();
+            }
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "exited before the expected line; stdout:\n{}\nstderr:\n{}",
+                self.stdout_text(),
+                self.stderr_text()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "no expected line within {limit:?}; stdout:\n{}\nstderr:\n{}",
+                self.stdout_text(),
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for exit; kills the process and fails the test past `limit`.
     pub fn wait(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
@@ -233,7 +268,7 @@ impl Launch {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 panic!(
-                    "coordinator still running after {limit:?}; stderr:\n{}",
+                    "still running after {limit:?}; stderr:\n{}",
                     self.stderr_text()
                 );
             }

@@ -1,0 +1,325 @@
+//! The `cluster:` section: which launcher starts the workers, how many, where the coordinator
+//! listens, the job token, and the liveness timings.
+
+use super::{Checks, Spanned};
+use serde::{Deserialize, Deserializer};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LauncherKind {
+    /// Child processes of the coordinator on this host.
+    Local,
+    /// `srun` steps inside the Slurm allocation the coordinator runs in.
+    Slurm,
+    /// Someone else (a Kubernetes Job, a script on each host) starts the workers.
+    External,
+}
+
+impl LauncherKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            LauncherKind::Local => "local",
+            LauncherKind::Slurm => "slurm",
+            LauncherKind::External => "external",
+        }
+    }
+}
+
+/// `world_size: 4` or `world_size: auto`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum WorldSizeSetting {
+    Count(u64),
+    Auto,
+    Other(String),
+}
+
+impl<'de> Deserialize<'de> for WorldSizeSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = WorldSizeSetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a whole number of workers or `auto`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(WorldSizeSetting::Count(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(match u64::try_from(v) {
+                    Ok(n) => WorldSizeSetting::Count(n),
+                    Err(_) => WorldSizeSetting::Other(v.to_string()),
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(if v == "auto" {
+                    WorldSizeSetting::Auto
+                } else {
+                    WorldSizeSetting::Other(v.to_string())
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ClusterSection {
+    launcher: LauncherKind,
+    world_size: Spanned<WorldSizeSetting>,
+    #[serde(default)]
+    listen: Option<Spanned<String>>,
+    #[serde(default)]
+    advertise: Option<Spanned<String>>,
+    #[serde(default)]
+    token_file: Option<Spanned<String>>,
+    #[serde(default)]
+    threads_per_worker: Option<Spanned<u32>>,
+    #[serde(default = "defaults::heartbeat_interval_s")]
+    heartbeat_interval_s: Spanned<f64>,
+    #[serde(default = "defaults::heartbeat_timeout_s")]
+    heartbeat_timeout_s: Spanned<f64>,
+    #[serde(default = "defaults::rendezvous_timeout_s")]
+    rendezvous_timeout_s: Spanned<f64>,
+    #[serde(default = "defaults::collective_timeout_s")]
+    collective_timeout_s: Spanned<f64>,
+    #[serde(default = "defaults::bucket_mb")]
+    bucket_mb: Spanned<f64>,
+    #[serde(default)]
+    worker_binary: Option<Spanned<String>>,
+}
+
+mod defaults {
+    use super::Spanned;
+    use serde_saphyr::Location;
+
+    fn unspanned<T>(value: T) -> Spanned<T> {
+        Spanned::new(value, Location::UNKNOWN, Location::UNKNOWN)
+    }
+    pub fn heartbeat_interval_s() -> Spanned<f64> {
+        unspanned(1.0)
+    }
+    pub fn heartbeat_timeout_s() -> Spanned<f64> {
+        unspanned(10.0)
+    }
+    pub fn rendezvous_timeout_s() -> Spanned<f64> {
+        unspanned(120.0)
+    }
+    pub fn collective_timeout_s() -> Spanned<f64> {
+        unspanned(60.0)
+    }
+    pub fn bucket_mb() -> Spanned<f64> {
+        unspanned(25.0)
+    }
+}
+
+/// Environment variables that `world_size: auto` reads, in order.
+pub const WORLD_SIZE_ENVS: [&str; 2] = ["SLURM_NTASKS", "FERROTUNE_WORLD_SIZE"];
+
+/// The validated `cluster:` section.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub launcher: LauncherKind,
+    pub world_size: u32,
+    /// Where the gRPC server binds: the config's `listen`, else the launcher's default
+    /// (`local`: 127.0.0.1:0, `slurm`: 0.0.0.0:0; `external` has none and requires it).
+    pub listen: SocketAddr,
+    /// Host or address workers dial when `listen` is a wildcard address.
+    pub advertise: Option<String>,
+    /// The job token read from `token_file`, whitespace trimmed.
+    pub token_from_file: Option<String>,
+    pub threads_per_worker: Option<u32>,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub rendezvous_timeout: Duration,
+    pub collective_timeout: Duration,
+    pub bucket_bytes: u64,
+    pub worker_binary: Option<PathBuf>,
+}
+
+impl Checks<'_> {
+    pub(super) fn cluster(
+        &mut self,
+        c: &ClusterSection,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> ClusterConfig {
+        let world_size = self.world_size(&c.world_size, env);
+        let listen = match (&c.listen, c.launcher) {
+            (Some(l), _) => match l.value.parse::<SocketAddr>() {
+                Ok(addr) => addr,
+                Err(_) => {
+                    self.push(
+                        l,
+                        "cluster.listen",
+                        format!("`{}` is not an IP address with a port", l.value),
+                        "write ADDRESS:PORT, e.g. 0.0.0.0:50051 (every interface) or 10.0.0.5:0 (a free port)",
+                    );
+                    SocketAddr::from(([127, 0, 0, 1], 0))
+                }
+            },
+            (None, LauncherKind::Slurm) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            (None, LauncherKind::Local) => SocketAddr::from(([127, 0, 0, 1], 0)),
+            (None, LauncherKind::External) => {
+                self.push(
+                    &c.world_size,
+                    "cluster.listen",
+                    "launcher: external needs cluster.listen: workers started elsewhere must know where to dial".into(),
+                    "add `listen: 0.0.0.0:50051` (a fixed port the workers' --coordinator URL names) under cluster:",
+                );
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        };
+        let advertise = c.advertise.as_ref().map(|a| {
+            let host = a.value.trim();
+            if host.is_empty() || host.contains(['/', ' ']) {
+                self.push(
+                    a,
+                    "cluster.advertise",
+                    format!("`{}` is not a host name or address", a.value),
+                    "name the host or address workers reach the coordinator at, without port or scheme",
+                );
+            }
+            host.to_string()
+        });
+        let token_from_file = c.token_file.as_ref().and_then(|t| self.token_file(t));
+        let heartbeat_interval =
+            self.seconds(&c.heartbeat_interval_s, "cluster.heartbeat_interval_s");
+        let heartbeat_timeout = self.seconds(&c.heartbeat_timeout_s, "cluster.heartbeat_timeout_s");
+        if heartbeat_timeout <= heartbeat_interval {
+            self.push(
+                &c.heartbeat_timeout_s,
+                "cluster.heartbeat_timeout_s",
+                "must be longer than cluster.heartbeat_interval_s".into(),
+                "allow several heartbeats per timeout, e.g. interval 1, timeout 10",
+            );
+        }
+        let rendezvous_timeout =
+            self.seconds(&c.rendezvous_timeout_s, "cluster.rendezvous_timeout_s");
+        let collective_timeout =
+            self.seconds(&c.collective_timeout_s, "cluster.collective_timeout_s");
+        let bucket_mb = self.finite_at_least(&c.bucket_mb, "cluster.bucket_mb", 0.0, true);
+        ClusterConfig {
+            launcher: c.launcher,
+            world_size,
+            listen,
+            advertise,
+            token_from_file,
+            threads_per_worker: c
+                .threads_per_worker
+                .as_ref()
+                .map(|t| self.positive_u32(t, "cluster.threads_per_worker")),
+            heartbeat_interval,
+            heartbeat_timeout,
+            rendezvous_timeout,
+            collective_timeout,
+            bucket_bytes: (bucket_mb * 1024.0 * 1024.0).max(4.0) as u64,
+            worker_binary: c
+                .worker_binary
+                .as_ref()
+                .map(|b| self.existing(b, "cluster.worker_binary", false)),
+        }
+    }
+
+    fn world_size(
+        &mut self,
+        v: &Spanned<WorldSizeSetting>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> u32 {
+        const FIELD: &str = "cluster.world_size";
+        match &v.value {
+            WorldSizeSetting::Count(n) => match u32::try_from(*n) {
+                Ok(0) => {
+                    self.push(
+                        v,
+                        FIELD,
+                        "must be at least 1, got 0".into(),
+                        "set a positive whole number, or `auto`",
+                    );
+                    1
+                }
+                Ok(n) => n,
+                Err(_) => {
+                    self.push(
+                        v,
+                        FIELD,
+                        format!("{n} workers is more than supported"),
+                        "set a smaller number",
+                    );
+                    1
+                }
+            },
+            WorldSizeSetting::Other(text) => {
+                self.push(
+                    v,
+                    FIELD,
+                    format!("expected a whole number of workers or `auto`, got `{text}`"),
+                    "write e.g. `world_size: 4`, or `world_size: auto` to take SLURM_NTASKS or FERROTUNE_WORLD_SIZE",
+                );
+                1
+            }
+            WorldSizeSetting::Auto => {
+                for name in WORLD_SIZE_ENVS {
+                    let Some(value) = env(name) else { continue };
+                    match value.trim().parse::<u32>() {
+                        Ok(n) if n > 0 => return n,
+                        _ => {
+                            self.push(
+                                v,
+                                FIELD,
+                                format!("`auto` read {name}={value:?}, which is not a positive whole number"),
+                                &format!("fix {name}, or write the number of workers here"),
+                            );
+                            return 1;
+                        }
+                    }
+                }
+                self.push(
+                    v,
+                    FIELD,
+                    "`auto` found neither SLURM_NTASKS (set inside a Slurm allocation) nor FERROTUNE_WORLD_SIZE".into(),
+                    "run inside `sbatch`/`salloc`, export FERROTUNE_WORLD_SIZE, or write the number of workers here",
+                );
+                1
+            }
+        }
+    }
+
+    /// The token in `token_file` (relative to the config's directory), trimmed; None after
+    /// recording an issue.
+    fn token_file(&mut self, t: &Spanned<String>) -> Option<String> {
+        const FIELD: &str = "cluster.token_file";
+        let path = self.resolve(&t.value);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let token = text.trim();
+                let printable = token.bytes().all(|b| (0x21..0x7f).contains(&b));
+                if token.is_empty() || !printable {
+                    self.push(
+                        t,
+                        FIELD,
+                        format!(
+                            "{} holds no usable token (it must be one word of printable ASCII)",
+                            path.display()
+                        ),
+                        "write a random secret into it, e.g. `openssl rand -hex 24 > job.token`",
+                    );
+                    None
+                } else {
+                    Some(token.to_string())
+                }
+            }
+            Err(e) => {
+                self.push(
+                    t,
+                    FIELD,
+                    format!("cannot read {}: {e}", path.display()),
+                    "point it at a readable file holding the job token; relative paths start at the directory of the config file",
+                );
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Processes the coordinator starts itself (workers, or `srun` steps that run them): output into
+//! a log file with the last line kept, an exit event per process, and a stop that returns only
+//! once every process is gone.
+//!
+//! No orphans: every child gets its own process group (so a terminal's Ctrl-C reaches only the
+//! coordinator, which then stops children in order) and the parent-death signal SIGKILL (so even
+//! a coordinator killed with SIGKILL takes them with it). `kill_on_drop` covers the rest.
+
+use super::{LaunchError, LauncherEvent};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::{mpsc, watch};
+
+struct Running {
+    pid: u32,
+    exited: watch::Receiver<bool>,
+}
+
+#[derive(Default)]
+pub struct Children {
+    running: Vec<Running>,
+}
+
+impl Children {
+    /// Starts `cmd` as `worker_id`, its stdout and stderr appended to `log_path`; its exit is
+    /// reported on `events`.
+    pub fn spawn(
+        &mut self,
+        mut cmd: Command,
+        program: &Path,
+        worker_id: String,
+        log_path: PathBuf,
+        events: &mpsc::UnboundedSender<LauncherEvent>,
+    ) -> Result<(), LaunchError> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: the closure runs in the forked child before exec and calls only
+        // async-signal-safe functions (setpgid, prctl, getppid, _exit) on no shared state.
+        unsafe {
+            let parent = libc::getpid();
+            cmd.pre_exec(move || {
+                libc::setpgid(0, 0);
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // The parent may have died between fork and prctl: then nobody will reap us.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+            binary: program.to_path_buf(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0);
+        tracing::debug!(%worker_id, pid, "started");
+
+        let log = std::fs::File::create(&log_path)
+            .ok()
+            .map(tokio::fs::File::from_std);
+        let log = Arc::new(tokio::sync::Mutex::new(log));
+        let last_line = Arc::new(Mutex::new(None::<String>));
+        let mut readers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            readers.push(tokio::spawn(pump(
+                out,
+                log.clone(),
+                last_line.clone(),
+                worker_id.clone(),
+            )));
+        }
+        if let Some(err) = child.stderr.take() {
+            readers.push(tokio::spawn(pump(
+                err,
+                log.clone(),
+                last_line.clone(),
+                worker_id.clone(),
+            )));
+        }
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let events = events.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            for r in readers {
+                let _ = r.await;
+            }
+            let (success, status) = match status {
+                Ok(s) => (s.success(), describe(&s)),
+                Err(e) => (false, format!("could not be waited for: {e}")),
+            };
+            let last_line = last_line.lock().ok().and_then(|l| l.clone());
+            let _ = exited_tx.send(true);
+            let _ = events.send(LauncherEvent::Exited {
+                worker_id,
+                success,
+                status,
+                last_line,
+            });
+        });
+        self.running.push(Running {
+            pid,
+            exited: exited_rx,
+        });
+        Ok(())
+    }
+
+    /// SIGTERM to every child still running, SIGKILL to those left after `grace`; returns once
+    /// all are gone. Returns whether SIGKILL was needed.
+    pub async fn stop_all(&mut self, grace: Duration) -> bool {
+        self.signal(libc::SIGTERM);
+        let all_exited = async {
+            for w in &mut self.running {
+                let _ = w.exited.wait_for(|e| *e).await;
+            }
+        };
+        if tokio::time::timeout(grace, all_exited).await.is_ok() {
+            return false;
+        }
+        tracing::warn!("processes still running {grace:?} after SIGTERM; sending SIGKILL");
+        self.signal(libc::SIGKILL);
+        for w in &mut self.running {
+            let _ = w.exited.wait_for(|e| *e).await;
+        }
+        true
+    }
+
+    fn signal(&self, signal: i32) {
+        for w in &self.running {
+            if !*w.exited.borrow() && w.pid != 0 {
+                // SAFETY: kill(2) on a pid we spawned and have not reaped yet (its waiter has
+                // not flagged it exited), so the pid still names our child or its zombie.
+                unsafe {
+                    libc::kill(w.pid as i32, signal);
+                }
+            }
+        }
+    }
+}
+
+fn describe(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        format!("exited with code {code}")
+    } else if let Some(sig) = status.signal() {
+        let name = match sig {
+            libc::SIGKILL => " (SIGKILL)",
+            libc::SIGTERM => " (SIGTERM)",
+            libc::SIGSEGV => " (SIGSEGV)",
+            libc::SIGABRT => " (SIGABRT)",
+            libc::SIGINT => " (SIGINT)",
+            _ => "",
+        };
+        format!("was killed by signal {sig}{name}")
+    } else {
+        "ended for an unknown reason".into()
+    }
+}
+
+/// Copies a child's output into its log file, remembering the last non-empty line.
+async fn pump<R: tokio::io::AsyncRead + Unpin>(
+    reader: R,
+    log: Arc<tokio::sync::Mutex<Option<tokio::fs::File>>>,
+    last_line: Arc<Mutex<Option<String>>>,
+    worker_id: String,
+) {
+    let mut lines = BufReader::new(reader).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(file) = log.lock().await.as_mut() {
+            let _ = file.write_all(line.as_bytes()).await;
+            let _ = file.write_all(b"\n").await;
+        }
+        tracing::debug!(target: "worker", worker = %worker_id, "{line}");
+        if !line.trim().is_empty() {
+            if let Ok(mut l) = last_line.lock() {
+                *l = Some(strip_ansi(&line));
+            }
+        }
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
