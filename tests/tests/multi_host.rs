@@ -27,6 +27,7 @@ cluster:
   world_size: 2
   listen: {coordinator}:{PORT}
   token_file: job.token
+  threads_per_worker: 1    # the three \"hosts\" share this machine's cores
   heartbeat_interval_s: 0.5
   heartbeat_timeout_s: {HEARTBEAT_TIMEOUT_S}
   collective_timeout_s: 30

@@ -125,6 +125,13 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
         storage::check(&spec, &args.host)?;
         let threads = if spec.intra_op_threads > 0 {
             spec.intra_op_threads
+        } else if let Some(cpus) = std::env::var("SLURM_CPUS_PER_TASK")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+        {
+            // What the scheduler granted this task (Slurm does not always bind it to them).
+            cpus
         } else {
             let cores = std::thread::available_parallelism()
                 .map(|n| n.get())
