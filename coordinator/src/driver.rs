@@ -140,11 +140,13 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                 (Event::Interrupted, None)
             }
         };
-        if let Event::Registered(info) = &event {
-            if let Some(r) = reply.take() {
-                pending.insert(info.worker_id.clone(), r);
-            }
-        }
+        // A registration is answered at once (refused, or the one that completes the group) or
+        // waits in `pending` for the Assign; a refused caller never displaces a waiting one.
+        let registering = match &event {
+            Event::Registered(info) => Some((info.worker_id.clone(), info.host.clone())),
+            _ => None,
+        };
+        let is_registering = |id: &str| registering.as_ref().is_some_and(|(r, _)| r == id);
         let is_heartbeat = matches!(event, Event::Heartbeat { .. });
         let mut queue: Vec<Action> = job.handle(event, Instant::now());
         let mut finished = None;
@@ -153,7 +155,12 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                 match action {
                     Action::Assign(list) => {
                         for (worker_id, assignment) in list {
-                            if let Some(r) = pending.remove(&worker_id) {
+                            let r = if is_registering(&worker_id) {
+                                reply.take()
+                            } else {
+                                pending.remove(&worker_id)
+                            };
+                            if let Some(r) = r {
                                 let _ = r.send(Reply::Assigned(assignment));
                             }
                         }
@@ -170,7 +177,11 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                     }
                     Action::Reject { worker_id, reason } => {
                         tracing::warn!(%worker_id, "registration refused: {reason}");
-                        let r = pending.remove(&worker_id).or_else(|| reply.take());
+                        let r = if is_registering(&worker_id) {
+                            reply.take()
+                        } else {
+                            pending.remove(&worker_id)
+                        };
                         if let Some(r) = r {
                             let _ = r.send(Reply::Rejected(reason));
                         }
@@ -225,7 +236,18 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                 }
             }
         }
-        if let Some(r) = reply.take() {
+        if let Some((id, host)) = &registering {
+            if let (Some(r), None) = (reply.take(), &finished) {
+                // A second registration under the same id replaces the first (dropping its
+                // answer channel tells that caller the registration is void).
+                pending.insert(id.clone(), r);
+                progress.message(format!(
+                    "registered: worker {id} on host {host} ({}/{})",
+                    pending.len(),
+                    config.cluster.world_size
+                ));
+            }
+        } else if let Some(r) = reply.take() {
             let answer = if is_heartbeat {
                 Reply::Heartbeat {
                     proceed: job.should_continue(),

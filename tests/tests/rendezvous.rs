@@ -16,15 +16,15 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Registers like a worker of `version` would; returns the refusal.
-fn register_as(url: &str, token: &str, version: &str) -> tonic::Status {
+/// Registers as `worker_id` like a worker of `version` would; returns the refusal.
+fn register_as(url: &str, token: &str, worker_id: &str, version: &str) -> tonic::Status {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut client = pb::coordinator_client::CoordinatorClient::connect(url.to_string())
             .await
             .unwrap();
         let mut request = tonic::Request::new(pb::RegisterRequest {
-            worker_id: "old-worker".into(),
+            worker_id: worker_id.into(),
             host: "a-host".into(),
             local_index: 0,
             devices: vec![],
@@ -65,7 +65,22 @@ fn workers_started_elsewhere_join_and_a_mismatched_version_is_refused() {
     let dial = run.wait_for_line(Duration::from_secs(60), |l| l.starts_with("workers dial: "));
     assert_eq!(dial, format!("workers dial: {url}"));
 
-    let refusal = register_as(&url, token, "0.0.0-other");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let host = host.trim().to_string();
+    let start = |index: &str| {
+        let mut cmd = Command::new(bin("worker"));
+        cmd.args(["run", "--coordinator", &url, "--bind", "127.0.0.1"])
+            .args(["--local-index", index])
+            .env("FERROTUNE_JOB_TOKEN", token);
+        Launch::spawn_tagged(cmd, &tag)
+    };
+    let first = start("0");
+    run.wait_for_line(Duration::from_secs(30), |l| {
+        l == format!("registered: worker {host}:0 on host {host} (1/2)")
+    });
+
+    // Under the id of the worker already waiting: refused, and the waiting one keeps its place.
+    let refusal = register_as(&url, token, &format!("{host}:0"), "0.0.0-other");
     assert_eq!(refusal.code(), tonic::Code::FailedPrecondition);
     assert_eq!(
         refusal.message(),
@@ -75,14 +90,7 @@ fn workers_started_elsewhere_join_and_a_mismatched_version_is_refused() {
         )
     );
 
-    let start = |index: &str| {
-        let mut cmd = Command::new(bin("worker"));
-        cmd.args(["run", "--coordinator", &url, "--bind", "127.0.0.1"])
-            .args(["--local-index", index])
-            .env("FERROTUNE_JOB_TOKEN", token);
-        Launch::spawn_tagged(cmd, &tag)
-    };
-    let mut workers = [start("1"), start("0")];
+    let mut workers = [first, start("1")];
     let status = run.wait(Duration::from_secs(120));
     let (out, err) = (run.stdout_text(), run.stderr_text());
     assert!(status.success(), "{out}\n{err}");
@@ -91,13 +99,11 @@ fn workers_started_elsewhere_join_and_a_mismatched_version_is_refused() {
         .filter(|l| l.contains("registration refused"))
         .collect();
     assert_eq!(refused.len(), 1, "{err}");
-    assert!(refused[0].contains("worker_id=old-worker"), "{err}");
+    assert!(refused[0].contains(&format!("worker_id={host}:0")), "{err}");
     assert!(
         refused[0].contains("does not match coordinator version"),
         "{err}"
     );
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-    let host = host.trim();
     // The default identity is host:local_index, and the local index orders ranks on one host.
     assert!(
         out.contains(&format!(
