@@ -60,8 +60,8 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-fn load(path: &Path) -> Result<config::JobConfig, ExitCode> {
-    config::load(path).map_err(|e| {
+fn load(path: &Path, purpose: config::Purpose) -> Result<config::JobConfig, ExitCode> {
+    config::load(path, purpose).map_err(|e| {
         eprintln!("error: invalid job config\n{e}");
         ExitCode::from(EXIT_BAD_INPUT)
     })
@@ -91,24 +91,28 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Validate { config } => {
-            let c = match load(&config) {
+            let c = match load(&config, config::Purpose::Validate) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             if let Err(code) = check_data(&c, false) {
                 return code;
             }
+            let workers = if c.cluster.world_size_deferred {
+                "world_size auto: the allocation's task count at launch".to_string()
+            } else {
+                format!("{} workers", c.cluster.world_size)
+            };
             println!(
-                "{}: ok (job {}, {} workers, {} steps)",
+                "{}: ok (job {}, {workers}, {} steps)",
                 config.display(),
                 c.name,
-                c.cluster.world_size,
                 c.steps
             );
             ExitCode::SUCCESS
         }
         Command::Launch { config, resume } => {
-            let mut c = match load(&config) {
+            let mut c = match load(&config, config::Purpose::Launch) {
                 Ok(c) => c,
                 Err(code) => return code,
             };

@@ -124,6 +124,9 @@ pub const WORLD_SIZE_ENVS: [&str; 2] = ["SLURM_NTASKS", "FERROTUNE_WORLD_SIZE"];
 pub struct ClusterConfig {
     pub launcher: LauncherKind,
     pub world_size: u32,
+    /// `world_size: auto` that only `launch` can resolve (loaded for `validate` without the
+    /// variables); `world_size` is then a placeholder 1.
+    pub world_size_deferred: bool,
     /// Where the gRPC server binds: the config's `listen`, else the launcher's default
     /// (`local`: 127.0.0.1:0, `slurm`: 0.0.0.0:0; `external` has none and requires it).
     pub listen: SocketAddr,
@@ -147,6 +150,8 @@ impl Checks<'_> {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> ClusterConfig {
         let world_size = self.world_size(&c.world_size, env);
+        let world_size_deferred = matches!(c.world_size.value, WorldSizeSetting::Auto)
+            && WORLD_SIZE_ENVS.iter().all(|name| env(name).is_none());
         let listen = match (&c.listen, c.launcher) {
             (Some(l), _) => match l.value.parse::<SocketAddr>() {
                 Ok(addr) => addr,
@@ -204,6 +209,7 @@ impl Checks<'_> {
         ClusterConfig {
             launcher: c.launcher,
             world_size,
+            world_size_deferred,
             listen,
             advertise,
             token_from_file,
@@ -275,6 +281,9 @@ impl Checks<'_> {
                             return 1;
                         }
                     }
+                }
+                if self.purpose == super::Purpose::Validate {
+                    return 1;
                 }
                 self.push(
                     v,

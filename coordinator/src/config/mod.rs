@@ -158,7 +158,16 @@ pub struct JobConfig {
 }
 
 /// Reads and validates a cluster.yaml. Relative paths in it are relative to the file's directory.
-pub fn load(path: &Path) -> Result<JobConfig, ConfigError> {
+/// What a config is loaded for. `validate` usually runs where the job will not (a Slurm login
+/// node), so there `world_size: auto` without SLURM_NTASKS / FERROTUNE_WORLD_SIZE is left for
+/// `launch` to resolve instead of being an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Launch,
+    Validate,
+}
+
+pub fn load(path: &Path, purpose: Purpose) -> Result<JobConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
@@ -168,10 +177,12 @@ pub fn load(path: &Path) -> Result<JobConfig, ConfigError> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let base = std::fs::canonicalize(&base).unwrap_or(base);
-    let mut config = parse(&text, &base).map_err(|issues| ConfigError::Invalid {
-        file: path.to_path_buf(),
-        issues,
-    })?;
+    let env = |name: &str| std::env::var(name).ok();
+    let mut config =
+        parse_for(&text, &base, &env, purpose).map_err(|issues| ConfigError::Invalid {
+            file: path.to_path_buf(),
+            issues,
+        })?;
     config.source = path.to_path_buf();
     Ok(config)
 }
@@ -188,10 +199,20 @@ pub fn parse_with_env(
     base: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<JobConfig, Vec<Issue>> {
+    parse_for(text, base, env, Purpose::Launch)
+}
+
+fn parse_for(
+    text: &str,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    purpose: Purpose,
+) -> Result<JobConfig, Vec<Issue>> {
     let file: ClusterFile = serde_saphyr::from_str(text).map_err(|e| vec![yaml_issue(&e, text)])?;
     let mut checks = Checks {
         issues: Vec::new(),
         base,
+        purpose,
     };
     let config = checks.validate(file, env);
     if checks.issues.is_empty() {
@@ -204,6 +225,7 @@ pub fn parse_with_env(
 struct Checks<'a> {
     issues: Vec<Issue>,
     base: &'a Path,
+    purpose: Purpose,
 }
 
 impl Checks<'_> {

@@ -170,7 +170,7 @@ fn rendered_error_names_file_line_column_and_field() {
         fixture(tmp.path()).replace("  world_size: 2", "  world_size: 0"),
     )
     .unwrap();
-    let rendered = load(&path).unwrap_err().to_string();
+    let rendered = load(&path, Purpose::Launch).unwrap_err().to_string();
     assert!(
         rendered.starts_with(&format!("{}:6:15: `cluster.world_size`", path.display())),
         "{rendered}"
@@ -361,6 +361,17 @@ fn world_size_auto_reads_slurm_then_ferrotune_variables() {
         3
     );
 
+    // `validate` on a login node leaves it to `launch`.
+    let deferred = parse_for(&text, tmp.path(), &env(&[]), Purpose::Validate).unwrap();
+    assert!(deferred.cluster.world_size_deferred);
+    let resolved = parse_for(&text, tmp.path(), &ours, Purpose::Validate).unwrap();
+    assert_eq!(
+        (
+            resolved.cluster.world_size,
+            resolved.cluster.world_size_deferred
+        ),
+        (3, false)
+    );
     let none = parse_with_env(&text, tmp.path(), &env(&[])).unwrap_err();
     assert_eq!(
         (none[0].field.as_str(), none[0].line),
