@@ -125,6 +125,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
     }
 
     let mut pending: HashMap<String, oneshot::Sender<Reply>> = HashMap::new();
+    let (commits_tx, mut commits) = mpsc::unbounded_channel::<CommitDone>();
     let mut tick = tokio::time::interval(TICK);
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -133,6 +134,25 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
             Some(inb) = inbound.recv() => (inb.event, Some(inb.reply)),
             Some(LauncherEvent::Exited { worker_id, success, status, last_line }) = launcher_events.recv() => {
                 (Event::WorkerExited { worker_id, success, status, last_line }, None)
+            }
+            Some(done) = commits.recv() => {
+                let CommitDone { step, is_final, result, writer } = done;
+                if let Ok(path) = &result {
+                    progress.message(format!("checkpoint step {step} committed: {}", path.display()));
+                }
+                if let Some(w) = writer {
+                    let answer = result.as_ref().map(|p| p.to_string_lossy().into_owned());
+                    let _ = w.send(Reply::Committed(answer.map_err(Clone::clone)));
+                }
+                let event = match result {
+                    Ok(path) => Event::CheckpointCommitted {
+                        step,
+                        path: path.to_string_lossy().into_owned(),
+                        is_final,
+                    },
+                    Err(reason) => Event::CheckpointFailed { step, reason },
+                };
+                (event, None)
             }
             _ = tick.tick() => (Event::Tick, None),
             _ = tokio::signal::ctrl_c() => (Event::Interrupted, None),
@@ -193,38 +213,28 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                         staging_dir,
                         is_final,
                     } => {
+                        // Hashing a 7B checkpoint takes minutes: off the event loop, so that
+                        // heartbeats keep being counted meanwhile. The writer's call is answered
+                        // when the commit is done.
                         let root = config.checkpoint_dir.clone();
                         let keep = config.checkpoint_keep;
                         let staging = PathBuf::from(&staging_dir);
-                        let result = tokio::task::spawn_blocking(move || {
-                            checkpoint::commit(&root, &staging, step, is_final, keep)
-                        })
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()));
-                        let follow_up = match &result {
-                            Ok(path) => {
-                                progress.message(format!(
-                                    "checkpoint step {step} committed: {}",
-                                    path.display()
-                                ));
-                                Event::CheckpointCommitted {
-                                    step,
-                                    path: path.to_string_lossy().into_owned(),
-                                    is_final,
-                                }
-                            }
-                            Err(e) => Event::CheckpointFailed {
+                        let done = commits_tx.clone();
+                        let writer = reply.take();
+                        tokio::spawn(async move {
+                            let result = tokio::task::spawn_blocking(move || {
+                                checkpoint::commit(&root, &staging, step, is_final, keep)
+                            })
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r.map_err(|e| e.to_string()));
+                            let _ = done.send(CommitDone {
                                 step,
-                                reason: e.clone(),
-                            },
-                        };
-                        if let Some(r) = reply.take() {
-                            let _ = r.send(Reply::Committed(
-                                result.map(|p| p.to_string_lossy().into_owned()),
-                            ));
-                        }
-                        queue.extend(job.handle(follow_up, Instant::now()));
+                                is_final,
+                                result,
+                                writer,
+                            });
+                        });
                     }
                     Action::StopWorkers { reason } => {
                         tracing::info!("stopping all workers: {reason}");
@@ -294,6 +304,14 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         eval_before: progress.eval_before,
         eval_after: progress.eval_after,
     })
+}
+
+/// A checkpoint commit that has finished, and the writer's call still to answer.
+struct CommitDone {
+    step: u64,
+    is_final: bool,
+    result: Result<PathBuf, String>,
+    writer: Option<oneshot::Sender<Reply>>,
 }
 
 /// After the job is decided: every call is answered "the job is over", until each rank in

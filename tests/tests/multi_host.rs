@@ -80,11 +80,17 @@ fn url() -> String {
 
 const TOKEN_ENV: &str = "FERROTUNE_JOB_TOKEN";
 
-fn listening(run: &mut Launch) {
+/// The coordinator of [`job`] on host 0, once it accepts workers; with the tag every process
+/// of the test shares.
+fn started(hosts: &Hosts, dir: &Path, steps: u64, every: u64) -> (Launch, String) {
+    let config = job(dir, steps, every);
+    let tag = unique_tag();
+    let mut run = coordinator(hosts, &config, &tag);
     let line = run.wait_for_line(Duration::from_secs(120), |l| {
         l.starts_with("workers dial: ")
     });
     assert_eq!(line, format!("workers dial: {}", url()));
+    (run, tag)
 }
 
 #[test]
@@ -92,10 +98,7 @@ fn the_tiny_example_trains_across_three_hosts() {
     let _serial = serial();
     let Some(hosts) = Hosts::new(3) else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let config = job(tmp.path(), 60, 30);
-    let tag = unique_tag();
-    let mut run = coordinator(&hosts, &config, &tag);
-    listening(&mut run);
+    let (mut run, tag) = started(&hosts, tmp.path(), 60, 30);
 
     // A stranger without the token is refused in one line; the rendezvous goes on.
     let mut stranger = hosts.command(2, &bin("worker"));
@@ -156,12 +159,9 @@ fn cutting_a_hosts_link_fails_the_job_naming_rank_and_host() {
     let _serial = serial();
     let Some(hosts) = Hosts::new(3) else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let config = job(tmp.path(), 100_000, 0);
-    let tag = unique_tag();
-    let mut run = coordinator(&hosts, &config, &tag);
-    listening(&mut run);
-    let _b = worker(&hosts, 1, "node-b", tmp.path(), &tag);
-    let _a = worker(&hosts, 2, "node-a", tmp.path(), &tag);
+    let (mut run, tag) = started(&hosts, tmp.path(), 100_000, 0);
+    let mut b = worker(&hosts, 1, "node-b", tmp.path(), &tag);
+    let mut a = worker(&hosts, 2, "node-a", tmp.path(), &tag);
     run.wait_for_line(Duration::from_secs(120), |l| l.starts_with("step "));
 
     hosts.cut(2);
@@ -185,6 +185,22 @@ fn cutting_a_hosts_link_fails_the_job_naming_rank_and_host() {
     // up on the coordinator after the heartbeat timeout.
     let left = wait_no_tagged(&tag, Duration::from_secs(20));
     assert!(left.is_empty(), "processes left behind: {left:?}");
+    eprintln!("the coordinator gave up {took:?} after the cut");
+    // Exit code 3: stopped by, or cut off from, the coordinator.
+    assert_eq!(b.wait(Duration::from_secs(1)).code(), Some(3));
+    assert!(
+        b.stderr_text()
+            .contains("the coordinator ended the job: the job is over"),
+        "the connected worker hears it in the drain:\n{}",
+        b.stderr_text()
+    );
+    assert_eq!(a.wait(Duration::from_secs(1)).code(), Some(3));
+    assert!(
+        a.stderr_text()
+            .contains("no contact with the coordinator for 4s"),
+        "{}",
+        a.stderr_text()
+    );
 }
 
 #[test]
@@ -192,10 +208,7 @@ fn a_host_that_cannot_see_the_shared_storage_fails_naming_host_and_path() {
     let _serial = serial();
     let Some(hosts) = Hosts::new(3) else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let config = job(tmp.path(), 60, 0);
-    let tag = unique_tag();
-    let mut run = coordinator(&hosts, &config, &tag);
-    listening(&mut run);
+    let (mut run, tag) = started(&hosts, tmp.path(), 60, 0);
     let _b = worker(&hosts, 1, "node-b", tmp.path(), &tag);
     // node-a's mount namespace has an empty directory where the data should be.
     let data = tmp.path().join("data");

@@ -67,6 +67,17 @@ impl Cluster {
         id.trim().to_string()
     }
 
+    /// Writes `config_text` into `workdir` and submits it; returns (job id, its output file, the
+    /// tag its processes carry).
+    fn submit_text(&self, workdir: &Path, config_text: &str) -> (String, PathBuf, String) {
+        let config = workdir.join("slurm.yaml");
+        std::fs::write(&config, config_text).unwrap();
+        let tag = unique_tag();
+        let id = self.submit(workdir, &config, &tag);
+        let output = workdir.join(format!("ferrotune-{id}.out"));
+        (id, output, tag)
+    }
+
     /// `scontrol show job ID` as key=value pairs.
     fn job(&self, id: &str) -> Vec<(String, String)> {
         let text = stdout_of(self.command("scontrol").args(["show", "job", id]));
@@ -129,10 +140,6 @@ fn slurm_job(text: &str) -> String {
     replaced
 }
 
-fn output_of(workdir: &Path, id: &str) -> PathBuf {
-    workdir.join(format!("ferrotune-{id}.out"))
-}
-
 #[test]
 fn the_sbatch_script_trains_the_tiny_example_on_two_nodes() {
     let _serial = serial();
@@ -140,12 +147,8 @@ fn the_sbatch_script_trains_the_tiny_example_on_two_nodes() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let config = tiny_example(tmp.path());
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, slurm_job(&text)).unwrap();
-    let tag = unique_tag();
-    let id = cluster.submit(tmp.path(), &config, &tag);
-    let output = output_of(tmp.path(), &id);
+    let text = std::fs::read_to_string(tiny_example(tmp.path())).unwrap();
+    let (id, output, tag) = cluster.submit_text(tmp.path(), &slurm_job(&text));
     let (state, exit) = cluster.wait(&id, Duration::from_secs(300), &output);
     let out = std::fs::read_to_string(&output).unwrap_or_default();
     assert_eq!(
@@ -180,12 +183,8 @@ fn killing_one_task_fails_the_job_but_not_the_allocation() {
     };
     let tmp = tempfile::tempdir().unwrap();
     small_random_model(tmp.path());
-    let config = tmp.path().join("long.yaml");
     let long = random_model_job(2, 2, 0, 100_000, 1.0e-3, "out");
-    std::fs::write(&config, slurm_job(&long)).unwrap();
-    let tag = unique_tag();
-    let id = cluster.submit(tmp.path(), &config, &tag);
-    let output = output_of(tmp.path(), &id);
+    let (id, output, tag) = cluster.submit_text(tmp.path(), &slurm_job(&long));
 
     let deadline = Instant::now() + Duration::from_secs(120);
     let worker = bin("worker");
@@ -227,12 +226,9 @@ fn a_world_size_the_allocation_cannot_hold_is_refused_before_anything_starts() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let config = tiny_example(tmp.path());
-    let text = std::fs::read_to_string(&config).unwrap();
+    let text = std::fs::read_to_string(tiny_example(tmp.path())).unwrap();
     let three = slurm_job(&text).replace("world_size: auto", "world_size: 3");
-    std::fs::write(&config, three).unwrap();
-    let id = cluster.submit(tmp.path(), &config, &unique_tag());
-    let output = output_of(tmp.path(), &id);
+    let (id, output, _) = cluster.submit_text(tmp.path(), &three);
     let (state, exit) = cluster.wait(&id, Duration::from_secs(60), &output);
     let out = std::fs::read_to_string(&output).unwrap_or_default();
     assert_eq!((state.as_str(), exit.as_str()), ("FAILED", "2:0"), "{out}");

@@ -29,6 +29,8 @@ pub enum AgentError {
     BadToken,
 }
 
+const WAITING_NOTICE: Duration = Duration::from_secs(30);
+
 #[derive(Clone)]
 struct TokenInterceptor(MetadataValue<tonic::metadata::Ascii>);
 
@@ -65,17 +67,29 @@ impl Agent {
                 message: e.to_string(),
             })?
             .connect_timeout(Duration::from_secs(5));
-        let deadline = Instant::now() + patience;
+        let started = Instant::now();
+        let mut told = Duration::ZERO;
         let channel = loop {
             match endpoint.connect().await {
                 Ok(c) => break c,
-                Err(e) if Instant::now() >= deadline => {
+                Err(e) if started.elapsed() >= patience => {
                     return Err(AgentError::Connect {
                         url: url.into(),
                         message: e.to_string(),
                     })
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(e) => {
+                    // Workers started beside the coordinator (a Kubernetes Job, a script per
+                    // host) may wait while it validates the data: say so now and then.
+                    if started.elapsed() >= told + WAITING_NOTICE {
+                        told = started.elapsed();
+                        tracing::warn!(
+                            "still waiting for the coordinator at {url} after {:.0?}: {e}",
+                            told
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
             }
         };
         Ok(Agent {

@@ -18,8 +18,9 @@ pub const EXIT_REFUSED: u8 = 2;
 pub const EXIT_ABORTED: u8 = 3;
 /// How long a worker told to stop may take to end by itself before it exits regardless.
 const ABORT_EXIT_AFTER: Duration = Duration::from_secs(5);
-/// How long to keep dialling a coordinator that is not up yet.
-const CONNECT_PATIENCE: Duration = Duration::from_secs(60);
+/// How long to keep dialling a coordinator that is not up yet: it may be validating and
+/// tokenizing large datasets before it serves.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(600);
 const FINISH_LIMIT: Duration = Duration::from_secs(10);
 
 pub struct RunArgs {
