@@ -32,7 +32,7 @@ install_packages() {
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends slurm-wlm slurmctld slurmd slurm-client munge >/dev/null
-  [ -n "$ours" ] && rm -f /usr/sbin/policy-rc.d
+  if [ -n "$ours" ]; then rm -f /usr/sbin/policy-rc.d; fi
 }
 
 stop() {
