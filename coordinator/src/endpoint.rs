@@ -70,8 +70,8 @@ pub fn worker_url(bound: SocketAddr, advertise: Option<&str>) -> String {
 }
 
 fn host_address() -> Option<IpAddr> {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
-    let addrs: Vec<IpAddr> = (name.trim(), 0)
+    let name = crate::launcher::local::hostname();
+    let addrs: Vec<IpAddr> = (name.as_str(), 0)
         .to_socket_addrs()
         .ok()?
         .map(|a| a.ip())
