@@ -357,3 +357,37 @@ fn hosts_with_numbers_are_ordered_by_value() {
     let order: Vec<&str> = list.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(order, vec!["z", "y", "x"]);
 }
+
+#[test]
+fn live_ranks_leave_out_the_finished_the_failed_and_the_silent() {
+    let t0 = Instant::now();
+    let mut job = running(4, t0);
+    job.handle(
+        Event::Finished {
+            rank: 0,
+            ok: true,
+            error: String::new(),
+        },
+        t0,
+    );
+    job.handle(
+        Event::Finished {
+            rank: 1,
+            ok: false,
+            error: "boom".into(),
+        },
+        t0,
+    );
+    let later = t0 + Duration::from_secs(8);
+    job.handle(
+        Event::Heartbeat {
+            rank: 2,
+            generation: 1,
+        },
+        later,
+    );
+    // Rank 3 was last heard at t0: past the 10 s timeout it is lost, not someone to tell.
+    let mut live = job.live_ranks(t0 + Duration::from_secs(12));
+    live.sort();
+    assert_eq!(live, vec![2]);
+}
