@@ -8,7 +8,7 @@ PYTHON  ?= python3
 VENV    := .venv
 LIBTORCH_STAMP := third_party/libtorch/.ferrotune-cpu-2.11.0
 
-.PHONY: all setup libtorch venv build demo example-instruct example-multitask test lint fmt clean bench
+.PHONY: all setup libtorch venv build demo example-instruct example-multitask test lint fmt clean bench bench-quick
 
 all: build
 
@@ -40,15 +40,21 @@ example-instruct: build
 example-multitask: build
 	./target/release/coordinator launch examples/multitask/cluster.yaml
 
-# Training-step tokens/s against PyTorch eager (same shape, batch, threads), measured in one run.
+# Every figure against its reference (torch.distributed Gloo, PyTorch eager, the issue's goals),
+# alternating rounds in one run: a table, target/bench/results.json and results.md.
 bench: build venv
-	$(VENV)/bin/python bench/train_step.py
+	$(VENV)/bin/python bench/run.py
+
+# The same figures at tiny sizes, one round: checks each is produced, finite, and that every peer
+# reference came from a real torch process (not the values: CI machines are noisy).
+bench-quick: build venv
+	$(VENV)/bin/python bench/run.py --quick --check
 
 lint: libtorch
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
-test: setup build lint
+test: setup build lint bench-quick
 	FERROTUNE_PYTHON=$(CURDIR)/$(VENV)/bin/python $(CARGO) test --release --workspace
 
 fmt:

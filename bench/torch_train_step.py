@@ -52,6 +52,7 @@ def main():
     seconds = time.perf_counter() - start
     print(json.dumps({
         "impl": "pytorch-eager",
+        "torch": torch.__version__,
         "tokens_per_s": args.steps * tokens / seconds,
         "step_s": seconds / args.steps,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -204,6 +204,9 @@ pub struct Job {
     started: Instant,
     /// Keyed by worker_id.
     members: BTreeMap<String, Member>,
+    /// worker_id by rank, once ranks are assigned: heartbeats from thousands of workers find
+    /// their member without a scan.
+    by_rank: Vec<String>,
     final_checkpoint: Option<String>,
     failures: Vec<Failure>,
 }
@@ -216,6 +219,7 @@ impl Job {
             generation: 1,
             started: now,
             members: BTreeMap::new(),
+            by_rank: Vec::new(),
             final_checkpoint: None,
             failures: Vec::new(),
         }
@@ -370,6 +374,7 @@ impl Job {
                 .then(a.info.worker_id.cmp(&b.info.worker_id))
         });
         let ids: Vec<String> = order.iter().map(|m| m.info.worker_id.clone()).collect();
+        self.by_rank = ids.clone();
         let peers: Vec<String> = order.iter().map(|m| m.info.peer_address.clone()).collect();
         let mut per_host: BTreeMap<String, u32> = BTreeMap::new();
         let mut local_ranks = Vec::new();
@@ -570,7 +575,8 @@ impl Job {
     }
 
     fn member_by_rank_mut(&mut self, rank: u32) -> Option<&mut Member> {
-        self.members.values_mut().find(|m| m.rank == Some(rank))
+        let id = self.by_rank.get(rank as usize)?;
+        self.members.get_mut(id)
     }
 }
 

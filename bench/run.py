@@ -1,0 +1,309 @@
+"""make bench: every figure against its reference, measured in the same run, alternating rounds
+(these machines are shared and noisy: only a ratio within one run means anything).
+
+Writes target/bench/results.json: figure name -> {ours, reference, unit, ratio, rounds,
+reference_rounds, spread}, where ratio > 1 always means ferrotune is better; for a figure whose
+reference is a goal rather than a peer (rendezvous, heartbeat latency), reference is the goal and
+ratio = goal / ours. A Markdown copy goes next to it. Later benchmarks add figures of the same
+shape through `add_figure`.
+
+usage: python bench/run.py [--quick] [--check]
+  --quick  one round, few iterations, a tiny model, 256 simulated workers (make test runs this)
+  --check  fail unless every figure is present, finite, and each peer reference came from a
+           real torch process
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+OUT = os.path.join(ROOT, "target", "bench")
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from train_step import CONFIG as TRAIN_CONFIG  # noqa: E402  (the one bench model shape)
+
+# Goals from the benchmark issue, for figures whose reference is not a peer.
+RENDEZVOUS_GOAL_S = 1.0
+HEARTBEAT_P99_GOAL_MS = 10.0
+
+figures = {}
+
+
+def add_figure(name, ours_rounds, reference_rounds, unit, higher_is_better, goal=None,
+               source=None, detail=None):
+    """ours/reference are medians over rounds; with a goal, reference is the goal itself."""
+    ours = statistics.median(ours_rounds)
+    reference = goal if goal is not None else statistics.median(reference_rounds)
+    ratio = ours / reference if higher_is_better else reference / ours
+    figures[name] = {
+        "ours": ours,
+        "reference": reference,
+        "unit": unit,
+        "ratio": ratio,
+        "rounds": ours_rounds,
+        "reference_rounds": reference_rounds,
+        "spread": [min(ours_rounds), max(ours_rounds)],
+        "reference_kind": "goal" if goal is not None else "peer",
+        "reference_source": source,
+        **({"detail": detail} if detail else {}),
+    }
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(commands, timeout=600):
+    """Starts one process per command, waits for all, returns rank 0's last stdout line as JSON."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in commands]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            if p.returncode != 0:
+                raise RuntimeError(f"{' '.join(p.args)} failed ({p.returncode}):\n{err}")
+            outs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return json.loads(outs[0].strip().splitlines()[-1])
+
+
+def allreduce_seconds(impl, world, mib, warmup, iters):
+    if impl == "ours":
+        ports = ",".join(str(free_port()) for _ in range(world))
+        cmds = [[os.path.join(BIN, "allreduce"), "--rank", str(r), "--ports", ports,
+                 "--mib", str(mib), "--warmup", str(warmup), "--iters", str(iters)]
+                for r in range(world)]
+    else:
+        port = str(free_port())
+        cmds = [[sys.executable, os.path.join(ROOT, "bench", "torch_allreduce.py"), "--rank",
+                 str(r), "--world", str(world), "--port", port, "--mib", str(mib),
+                 "--warmup", str(warmup), "--iters", str(iters)] for r in range(world)]
+    return run_ranks(cmds)
+
+
+def loopback_gbps(mib=64, repeats=8):
+    """One TCP stream on loopback, as fast as Python's socket calls go: the wire both rings use."""
+    payload = bytearray(int(mib * 1024 * 1024))
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    total = len(payload) * repeats
+
+    def sink():
+        conn, _ = server.accept()
+        buf = bytearray(4 << 20)
+        got = 0
+        while got < total:
+            n = conn.recv_into(buf)
+            if n == 0:
+                break
+            got += n
+        conn.sendall(b"k")
+        conn.close()
+
+    t = threading.Thread(target=sink)
+    t.start()
+    client = socket.create_connection(server.getsockname())
+    start = time.perf_counter()
+    for _ in range(repeats):
+        client.sendall(payload)
+    client.recv(1)
+    seconds = time.perf_counter() - start
+    client.close()
+    t.join()
+    server.close()
+    return total / seconds / 1e9
+
+
+def bench_allreduce(args):
+    rounds = 1 if args.quick else 3
+    warmup, iters = (1, 2) if args.quick else (2, 5)
+    cases = [(2, 1), (2, 16), (2, 64), (3, 64)]
+    for world, mib in cases:
+        ours, theirs, source = [], [], None
+        for r in range(rounds):
+            order = ["ours", "gloo"] if r % 2 == 0 else ["gloo", "ours"]
+            for impl in order:
+                result = allreduce_seconds(impl, world, mib, warmup, iters)
+                seconds = statistics.median(result["seconds"])
+                # Bus bandwidth: what each rank sends in a ring all-reduce, per second.
+                busbw = 2 * (world - 1) / world * mib * 1024 * 1024 / seconds / 1e9
+                if impl == "ours":
+                    ours.append(busbw)
+                else:
+                    theirs.append(busbw)
+                    source = f"torch {result['torch']} gloo"
+        add_figure(f"allreduce_{mib}mib_{world}ranks", ours, theirs, "GB/s", True,
+                   source=source)
+    limit = loopback_gbps(16 if args.quick else 64, 4 if args.quick else 8)
+    print(f"loopback TCP limit (one stream, measured in this run): {limit:.2f} GB/s")
+    return limit
+
+
+def bench_train_step(args):
+    rounds = 1 if args.quick else 3
+    config = dict(TRAIN_CONFIG)
+    shape = ["--batch", "4", "--seq", "256", "--steps", "5"]
+    if args.quick:
+        config.update(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+        shape = ["--batch", "2", "--seq", "64", "--steps", "2"]
+    threads = str(os.cpu_count())
+    with tempfile.TemporaryDirectory() as model:
+        with open(os.path.join(model, "config.json"), "w") as f:
+            json.dump(config, f)
+        common = ["--model", model, "--threads", threads] + shape
+        ours_cmd = [os.path.join(BIN, "train-step")] + common
+        torch_cmd = [sys.executable, os.path.join(ROOT, "bench", "torch_train_step.py")] + common
+        ours, theirs, source = [], [], None
+        for r in range(rounds):
+            order = [(ours_cmd, ours), (torch_cmd, theirs)]
+            for cmd, sink in (order if r % 2 == 0 else order[::-1]):
+                result = run_ranks([cmd])
+                sink.append(result["tokens_per_s"])
+                if "torch" in result:
+                    source = f"torch {result['torch']} eager"
+        detail = None
+        if not args.quick:
+            # What activation checkpointing trades: peak memory against recomputation.
+            plain = run_ranks([ours_cmd])
+            ckpt = run_ranks([ours_cmd + ["--activation-checkpointing"]])
+            detail = {"peak_rss_mib": plain["peak_rss_mib"],
+                      "checkpointed_peak_rss_mib": ckpt["peak_rss_mib"],
+                      "checkpointed_tokens_per_s": ckpt["tokens_per_s"]}
+    add_figure("train_step", ours, theirs, "tokens/s", True, source=source, detail=detail)
+
+
+def bench_control_plane(args):
+    counts = [256] if args.quick else [256, 1024, 4096]
+    seconds = 3 if args.quick else 10
+    tiny = os.path.join(ROOT, "examples", "tiny")
+    with tempfile.TemporaryDirectory() as job:
+        for part in ["base", "data"]:
+            shutil.copytree(os.path.join(tiny, part), os.path.join(job, part))
+        with open(os.path.join(job, "job.token"), "w") as f:
+            f.write("bench-token\n")
+        for n in counts:
+            port = free_port()
+            config = os.path.join(job, f"swarm-{n}.yaml")
+            with open(config, "w") as f:
+                f.write(f"""job:
+  name: swarm-{n}
+cluster:
+  launcher: external
+  world_size: {n}
+  listen: 127.0.0.1:{port}
+  token_file: job.token
+  heartbeat_interval_s: 1
+  heartbeat_timeout_s: 60
+  rendezvous_timeout_s: 300
+model:
+  path: base
+data:
+  train: data/train.jsonl
+  seq_len: 160
+training:
+  steps: 10
+  micro_batch_size: 1
+  lr: 1.0e-3
+checkpoint:
+  dir: out-{n}
+""")
+            coordinator = subprocess.Popen(
+                [os.path.join(BIN, "coordinator"), "launch", config],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            try:
+                for line in coordinator.stdout:
+                    if line.startswith("workers dial: "):
+                        url = line.split(": ", 1)[1].strip()
+                        break
+                else:
+                    raise RuntimeError("the coordinator exited before listening")
+                # Keep its stdout drained (it prints a line per registration).
+                threading.Thread(target=coordinator.stdout.read, daemon=True).start()
+                result = run_ranks([[os.path.join(BIN, "swarm"), "--coordinator", url,
+                                     "--token", "bench-token", "--workers", str(n),
+                                     "--heartbeat-seconds", str(seconds),
+                                     "--coordinator-pid", str(coordinator.pid)]])
+            finally:
+                coordinator.send_signal(signal.SIGTERM)
+                try:
+                    coordinator.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    coordinator.kill()
+            detail = {"heartbeats": result["heartbeats"],
+                      "heartbeat_p50_ms": result["heartbeat_p50_seconds"] * 1e3,
+                      "coordinator_cpu_cores": result["coordinator_cpu_fraction"]}
+            add_figure(f"rendezvous_{n}", [result["rendezvous_seconds"]], [], "s", False,
+                       goal=RENDEZVOUS_GOAL_S)
+            add_figure(f"heartbeat_p99_{n}", [result["heartbeat_p99_seconds"] * 1e3], [], "ms",
+                       False, goal=HEARTBEAT_P99_GOAL_MS, detail=detail)
+
+
+def markdown(limit, quick):
+    lines = [f"# ferrotune benchmarks ({time.strftime('%Y-%m-%d')}, "
+             f"{os.cpu_count()} cores{', quick' if quick else ''})", "",
+             "| figure | ferrotune | reference | unit | ratio (> 1: ferrotune better) | spread | reference is |",
+             "|---|---|---|---|---|---|---|"]
+    for name, f in figures.items():
+        ref = f["reference_source"] or f["reference_kind"]
+        lines.append(f"| `{name}` | {f['ours']:.4g} | {f['reference']:.4g} | {f['unit']} | "
+                     f"{f['ratio']:.3f} | {f['spread'][0]:.4g}–{f['spread'][1]:.4g} | {ref} |")
+    lines += ["", f"Loopback TCP limit measured in the same run: {limit:.2f} GB/s (one stream)."]
+    return "\n".join(lines) + "\n"
+
+
+def check():
+    expected = ["allreduce_1mib_2ranks", "allreduce_16mib_2ranks", "allreduce_64mib_2ranks",
+                "allreduce_64mib_3ranks", "train_step", "rendezvous_256", "heartbeat_p99_256"]
+    problems = [f"missing figure {n}" for n in expected if n not in figures]
+    for name, f in figures.items():
+        for key in ["ours", "reference", "ratio"]:
+            if not (isinstance(f[key], float) and math.isfinite(f[key]) and f[key] > 0):
+                problems.append(f"{name}.{key} is {f[key]!r}")
+        if f["reference_kind"] == "peer" and not (f["reference_source"] or "").startswith("torch "):
+            problems.append(f"{name}: the reference did not come from a torch process")
+    if problems:
+        raise SystemExit("bench check failed:\n  " + "\n  ".join(problems))
+    print(f"bench check: {len(figures)} figures present, finite, peers measured by torch")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    started = time.time()
+    limit = bench_allreduce(args)
+    bench_train_step(args)
+    bench_control_plane(args)
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "results.json"), "w") as f:
+        json.dump(figures, f, indent=2)
+    table = markdown(limit, args.quick)
+    with open(os.path.join(OUT, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+    print(f"wrote {os.path.join(OUT, 'results.json')} ({time.time() - started:.0f} s)")
+    if args.check:
+        check()
+
+
+if __name__ == "__main__":
+    main()
