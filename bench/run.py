@@ -7,8 +7,9 @@ reference is a goal rather than a peer (rendezvous, heartbeat latency), referenc
 ratio = goal / ours. A Markdown copy goes next to it. Later benchmarks add figures of the same
 shape through `add_figure`.
 
-usage: python bench/run.py [--quick] [--check]
+usage: python bench/run.py [--quick] [--check] [--only GROUP ...]
   --quick  one round, few iterations, a tiny model, 256 simulated workers (make test runs this)
+  --only   allreduce, train_step and/or control_plane (default: all); the JSON then holds those
   --check  fail unless every figure is present, finite, and each peer reference came from a
            real torch process
 """
@@ -288,11 +289,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--check", action="store_true")
+    groups = ["allreduce", "train_step", "control_plane"]
+    ap.add_argument("--only", nargs="+", choices=groups, default=groups)
     args = ap.parse_args()
     started = time.time()
-    limit = bench_allreduce(args)
-    bench_train_step(args)
-    bench_control_plane(args)
+    limit = bench_allreduce(args) if "allreduce" in args.only else float("nan")
+    if "train_step" in args.only:
+        bench_train_step(args)
+    if "control_plane" in args.only:
+        bench_control_plane(args)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "results.json"), "w") as f:
         json.dump(figures, f, indent=2)

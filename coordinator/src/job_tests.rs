@@ -59,7 +59,7 @@ fn ranks_are_assigned_once_everyone_registered_ordered_by_host_then_index() {
     let b1 = &list[2].1;
     assert_eq!(b1.local_world_size, 2);
     assert_eq!(
-        b1.peer_addresses,
+        b1.peer_addresses.to_vec(),
         vec!["hostA:9000", "hostB:9000", "hostB:9001"]
     );
     assert!(job.should_continue());

@@ -173,7 +173,7 @@ impl Coordinator for Service {
                     local_rank: a.local_rank,
                     local_world_size: a.local_world_size,
                     generation: a.generation,
-                    peer_addresses: a.peer_addresses,
+                    peer_addresses: a.peer_addresses.to_vec(),
                     backend: pb::CollectiveBackend::TcpRing as i32,
                 }),
                 spec: Some(self.spec.clone()),
