@@ -43,7 +43,8 @@ fn main() -> anyhow::Result<()> {
         token: "bench".into(),
         generation: 1,
     };
-    let mut ring = Ring::connect(listener, args.rank, &peers, &options)?;
+    let next = &peers[(args.rank + 1) % peers.len()];
+    let mut ring = Ring::connect(listener, args.rank, peers.len(), next, &options)?;
     let n = (args.mib * 1024.0 * 1024.0 / 4.0) as i64;
     let mut tensors = [Tensor::ones([n], (Kind::Float, Device::Cpu))];
     let mut seconds = Vec::new();

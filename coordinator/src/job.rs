@@ -5,7 +5,6 @@
 //! liveness and failure unit-testable, and leaves room for generations and restarts.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What a worker says about itself when it registers.
@@ -27,9 +26,9 @@ pub struct Assignment {
     pub local_rank: u32,
     pub local_world_size: u32,
     pub generation: u64,
-    /// Shared by every assignment of a generation: copying it per worker would cost O(n²) in
-    /// the event loop (1.5 s at 4096 workers, measured).
-    pub peer_addresses: Arc<[String]>,
+    /// The collective address of rank (rank + 1) % world_size: the ring dials only its next
+    /// neighbour (the previous one dials it), so this is all a worker needs.
+    pub next_peer_address: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -378,7 +377,7 @@ impl Job {
         });
         let ids: Vec<String> = order.iter().map(|m| m.info.worker_id.clone()).collect();
         self.by_rank = ids.clone();
-        let peers: Arc<[String]> = order.iter().map(|m| m.info.peer_address.clone()).collect();
+        let peers: Vec<String> = order.iter().map(|m| m.info.peer_address.clone()).collect();
         let mut per_host: BTreeMap<String, u32> = BTreeMap::new();
         let mut local_ranks = Vec::new();
         for m in &order {
@@ -399,7 +398,7 @@ impl Job {
                     local_rank: local_ranks[rank],
                     local_world_size: per_host[&member.info.host],
                     generation: self.generation,
-                    peer_addresses: peers.clone(),
+                    next_peer_address: peers[(rank + 1) % peers.len()].clone(),
                 },
             ));
         }

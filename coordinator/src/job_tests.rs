@@ -58,10 +58,9 @@ fn ranks_are_assigned_once_everyone_registered_ordered_by_host_then_index() {
     );
     let b1 = &list[2].1;
     assert_eq!(b1.local_world_size, 2);
-    assert_eq!(
-        b1.peer_addresses.to_vec(),
-        vec!["hostA:9000", "hostB:9000", "hostB:9001"]
-    );
+    // Rank 2's next neighbour wraps around to rank 0.
+    assert_eq!(b1.next_peer_address, "hostA:9000");
+    assert_eq!(list[0].1.next_peer_address, "hostB:9000");
     assert!(job.should_continue());
 }
 

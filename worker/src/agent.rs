@@ -126,7 +126,7 @@ impl Agent {
             local_rank: a.local_rank as usize,
             local_world_size: a.local_world_size as usize,
             generation: a.generation,
-            peer_addresses: a.peer_addresses,
+            next_peer_address: a.next_peer_address,
         };
         Ok((placement, spec_from_pb(s)?))
     }

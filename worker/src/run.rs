@@ -150,7 +150,8 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
         let mut ring = Ring::connect(
             listener,
             placement.rank,
-            &placement.peer_addresses,
+            placement.world_size,
+            &placement.next_peer_address,
             &options,
         )?;
         let reporter = GrpcReporter {

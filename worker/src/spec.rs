@@ -14,7 +14,8 @@ pub struct Placement {
     pub local_rank: usize,
     pub local_world_size: usize,
     pub generation: u64,
-    pub peer_addresses: Vec<String>,
+    /// Collective address of rank (rank + 1) % world_size.
+    pub next_peer_address: String,
 }
 
 #[derive(Debug, Clone)]

@@ -61,7 +61,8 @@ fn check_world(world: usize) {
                 let opts = opts.clone();
                 let mut ts: Vec<Tensor> = inputs[rank].iter().map(|t| t.copy()).collect();
                 s.spawn(move || {
-                    let mut ring = Ring::connect(l, rank, &addrs, &opts).unwrap();
+                    let next = &addrs[(rank + 1) % world];
+                    let mut ring = Ring::connect(l, rank, world, next, &opts).unwrap();
                     ring.all_reduce(&mut ts, ReduceOp::Mean).unwrap();
                     let mut scalars = [rank as f64, 1.0];
                     ring.all_reduce_scalars(&mut scalars, ReduceOp::Sum)
@@ -126,8 +127,8 @@ fn two_ranks<R: Send>(
     let mut it = ls.into_iter();
     let (l0, l1) = (it.next().unwrap(), it.next().unwrap());
     std::thread::scope(|s| {
-        let first = s.spawn(|| rank0(Ring::connect(l0, 0, &addrs, opts).unwrap()));
-        rank1(Ring::connect(l1, 1, &addrs, opts).unwrap());
+        let first = s.spawn(|| rank0(Ring::connect(l0, 0, 2, &addrs[1], opts).unwrap()));
+        rank1(Ring::connect(l1, 1, 2, &addrs[0], opts).unwrap());
         first.join().unwrap()
     })
 }
@@ -193,11 +194,9 @@ fn a_stranger_without_the_token_cannot_join() {
         wrong.token = "not-the-token".into();
         // Pretends to be rank 1 of the job, dialing rank 0.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut fake = stranger_addrs.clone();
-        fake[1] = l.local_addr().unwrap().to_string();
-        Ring::connect(l, 1, &fake, &wrong)
+        Ring::connect(l, 1, 2, &stranger_addrs[0], &wrong)
     });
-    let err = Ring::connect(l0, 0, &addrs, &opts)
+    let err = Ring::connect(l0, 0, 2, &addrs[1], &opts)
         .err()
         .expect("rank 0 must not accept the stranger");
     assert!(

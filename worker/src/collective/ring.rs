@@ -83,15 +83,16 @@ fn configure(stream: &TcpStream, timeout: Duration) -> std::io::Result<()> {
 }
 
 impl Ring {
-    /// Joins the ring: connects to rank+1 and accepts rank-1 on `listener`, which must already be
-    /// bound at `peers[rank]` (it is bound before registering, so neighbours can dial at once).
+    /// Joins the ring: connects to rank+1 at `next_address` and accepts rank-1 on `listener`,
+    /// which must already be bound at the address this rank announced (it is bound before
+    /// registering, so neighbours can dial at once).
     pub fn connect(
         listener: TcpListener,
         rank: usize,
-        peers: &[String],
+        world_size: usize,
+        next_address: &str,
         opts: &RingOptions,
     ) -> Result<Self, CollectiveError> {
-        let world_size = peers.len();
         if rank >= world_size {
             return Err(CollectiveError::Setup(format!(
                 "rank {rank} outside a group of {world_size}"
@@ -115,7 +116,7 @@ impl Ring {
 
         // Dial first and send our hello without waiting: every rank does the same, then accepts,
         // so nobody waits on a neighbour that is itself waiting.
-        let mut next = dial(&peers[next_rank], next_rank, deadline, opts.timeout)?;
+        let mut next = dial(next_address, next_rank, deadline, opts.timeout)?;
         next.write_all(&hello(rank, opts))
             .map_err(|source| CollectiveError::PeerLost {
                 peer: next_rank,
