@@ -4,6 +4,7 @@
 //! launcher and a clock) and carries the actions out. That keeps every rule about rendezvous,
 //! liveness and failure unit-testable, and leaves room for generations and restarts.
 
+use crate::natural::natural_cmp;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -580,36 +581,6 @@ impl Job {
         let id = self.by_rank.get(rank as usize)?;
         self.members.get_mut(id)
     }
-}
-
-/// Compares names with runs of digits taken as numbers, so `node2 < node10`.
-fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    fn chunks(s: &str) -> Vec<(bool, &str)> {
-        let mut out = Vec::new();
-        let mut start = 0;
-        let bytes = s.as_bytes();
-        for i in 1..=bytes.len() {
-            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
-                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
-                start = i;
-            }
-        }
-        out
-    }
-    let (ca, cb) = (chunks(a), chunks(b));
-    for (x, y) in ca.iter().zip(&cb) {
-        let o = match (x, y) {
-            ((true, dx), (true, dy)) => {
-                let (tx, ty) = (dx.trim_start_matches('0'), dy.trim_start_matches('0'));
-                tx.len().cmp(&ty.len()).then(tx.cmp(ty))
-            }
-            ((_, sx), (_, sy)) => sx.cmp(sy),
-        };
-        if o.is_ne() {
-            return o;
-        }
-    }
-    ca.len().cmp(&cb.len()).then(a.cmp(b))
 }
 
 #[cfg(test)]
