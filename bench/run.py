@@ -98,38 +98,55 @@ def allreduce_seconds(impl, world, mib, warmup, iters):
     return run_ranks(cmds)
 
 
+def _drain(conn, total):
+    buf = bytearray(4 << 20)
+    got = 0
+    while got < total:
+        n = conn.recv_into(buf)
+        if n == 0:
+            break
+        got += n
+
+
 def loopback_gbps(mib=64, repeats=8):
-    """One TCP stream on loopback, as fast as Python's socket calls go: the wire both rings use."""
+    """Loopback TCP limits, as fast as Python's socket calls go (they release the GIL).
+
+    one stream: one sender, one receiver. ring pattern: what a 2-rank ring all-reduce of `mib`
+    moves with no arithmetic at all, each side sending and receiving at once, as bus bandwidth
+    (bytes per side / seconds): the ceiling for allreduce_*_2ranks on this machine, where both
+    ranks' copies into and out of the kernel share the same cores.
+    """
     payload = bytearray(int(mib * 1024 * 1024))
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
     total = len(payload) * repeats
 
-    def sink():
+    def pair():
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        client = socket.create_connection(server.getsockname())
         conn, _ = server.accept()
-        buf = bytearray(4 << 20)
-        got = 0
-        while got < total:
-            n = conn.recv_into(buf)
-            if n == 0:
-                break
-            got += n
-        conn.sendall(b"k")
-        conn.close()
+        server.close()
+        return client, conn
 
-    t = threading.Thread(target=sink)
-    t.start()
-    client = socket.create_connection(server.getsockname())
-    start = time.perf_counter()
-    for _ in range(repeats):
-        client.sendall(payload)
-    client.recv(1)
-    seconds = time.perf_counter() - start
-    client.close()
-    t.join()
-    server.close()
-    return total / seconds / 1e9
+    def timed(streams):
+        threads = [threading.Thread(target=_drain, args=(rx, total)) for _, rx in streams]
+        senders = [threading.Thread(target=lambda tx=tx: [tx.sendall(payload)
+                                                          for _ in range(repeats)])
+                   for tx, _ in streams]
+        start = time.perf_counter()
+        for t in threads + senders:
+            t.start()
+        for t in threads + senders:
+            t.join()
+        seconds = time.perf_counter() - start
+        for tx, rx in streams:
+            tx.close()
+            rx.close()
+        return total / seconds / 1e9
+
+    one = timed([pair()])
+    ring = timed([pair(), pair()])
+    return one, ring
 
 
 def bench_allreduce(args):
@@ -152,9 +169,14 @@ def bench_allreduce(args):
                     source = f"torch {result['torch']} gloo"
         add_figure(f"allreduce_{mib}mib_{world}ranks", ours, theirs, "GB/s", True,
                    source=source)
-    limit = loopback_gbps(16 if args.quick else 64, 4 if args.quick else 8)
-    print(f"loopback TCP limit (one stream, measured in this run): {limit:.2f} GB/s")
-    return limit
+    one, ring = loopback_gbps(16 if args.quick else 64, 4 if args.quick else 8)
+    print(f"loopback TCP limit measured in this run: one stream {one:.2f} GB/s, "
+          f"ring pattern (2 ranks, no arithmetic) {ring:.2f} GB/s")
+    for name, f in figures.items():
+        if name.startswith("allreduce_"):
+            f["detail"] = {"loopback_one_stream_gbps": one, "loopback_ring_pattern_gbps": ring,
+                           "ours_of_ring_pattern": f["ours"] / ring}
+    return one, ring
 
 
 def bench_train_step(args):
@@ -266,7 +288,12 @@ def markdown(limit, quick):
         ref = f["reference_source"] or f["reference_kind"]
         lines.append(f"| `{name}` | {f['ours']:.4g} | {f['reference']:.4g} | {f['unit']} | "
                      f"{f['ratio']:.3f} | {f['spread'][0]:.4g}–{f['spread'][1]:.4g} | {ref} |")
-    lines += ["", f"Loopback TCP limit measured in the same run: {limit:.2f} GB/s (one stream)."]
+    if limit is not None:
+        one, ring = limit
+        lines += ["", f"Loopback TCP limits measured in the same run: one stream {one:.2f} GB/s; "
+                      f"the bytes of a 2-rank ring all-reduce with no arithmetic, both ways at "
+                      f"once, {ring:.2f} GB/s bus bandwidth (the ceiling for the 2-rank "
+                      f"all-reduce figures)."]
     return "\n".join(lines) + "\n"
 
 
@@ -293,7 +320,7 @@ def main():
     ap.add_argument("--only", nargs="+", choices=groups, default=groups)
     args = ap.parse_args()
     started = time.time()
-    limit = bench_allreduce(args) if "allreduce" in args.only else float("nan")
+    limit = bench_allreduce(args) if "allreduce" in args.only else None
     if "train_step" in args.only:
         bench_train_step(args)
     if "control_plane" in args.only:

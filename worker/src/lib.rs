@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod commands;
 pub mod data;
+pub mod grads;
 pub mod identity;
 pub mod infer;
 pub mod model;

@@ -143,6 +143,14 @@ impl AdamW {
         }
     }
 
+    /// The parameters, in the optimizer's (and the checkpoint's) order.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|p| p.param.shallow_clone())
+            .collect()
+    }
+
     pub fn gradients(&self) -> Vec<Tensor> {
         self.params
             .iter()
@@ -163,9 +171,11 @@ pub fn lr_at(step: u64, lr: f64, min_lr: f64, warmup_steps: u64, total_steps: u6
     min_lr + 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()) * (lr - min_lr)
 }
 
-/// Scales gradients so their global L2 norm is at most `max_norm` (0: no clipping), as
-/// torch.nn.utils.clip_grad_norm_ does. Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> f64 {
+/// Multiplies gradients by `scale` and then scales them so their global L2 norm is at most
+/// `max_norm` (0: no clipping), as torch.nn.utils.clip_grad_norm_ does, in one pass over them.
+/// Returns the norm after `scale`, before clipping. (The trainer's gradients are sums over the
+/// global batch's tokens; `scale` = 1 / tokens turns them into the mean's.)
+pub fn scale_and_clip(grads: &[Tensor], scale: f64, max_norm: f64) -> f64 {
     tch::no_grad(|| {
         let squares: Vec<Tensor> = grads
             .iter()
@@ -175,11 +185,15 @@ pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> f64 {
             return 0.0;
         }
         let total = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt();
-        let norm = total.double_value(&[]);
-        if max_norm > 0.0 {
-            let coef = (max_norm / (norm + 1e-6)).min(1.0);
+        let norm = total.double_value(&[]) * scale;
+        let coef = if max_norm > 0.0 {
+            (max_norm / (norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        if scale * coef != 1.0 {
             for g in grads {
-                let _ = g.shallow_clone().g_mul_scalar_(coef);
+                let _ = g.shallow_clone().g_mul_scalar_(scale * coef);
             }
         }
         norm

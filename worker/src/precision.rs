@@ -72,25 +72,21 @@ impl ComputeCopy {
         });
     }
 
-    /// The compute weights' gradients upcast to fp32, in the optimizer's order; the compute
-    /// gradients are zeroed for the next step.
-    pub fn take_grads(&self) -> Vec<Tensor> {
+    /// Upcasts the compute weights' gradients into `into` (fp32, one per parameter in the
+    /// optimizer's order; zeros where a weight got no gradient) and zeroes them for the next step.
+    pub fn move_grads_into(&self, into: &[Tensor]) {
+        assert_eq!(into.len(), self.pairs.len(), "one gradient per parameter");
         tch::no_grad(|| {
-            self.pairs
-                .iter()
-                .map(|(m, c)| {
-                    let mut g = c.grad();
-                    let out = if g.defined() {
-                        g.to_kind(Kind::Float)
-                    } else {
-                        m.zeros_like()
-                    };
-                    if g.defined() {
-                        let _ = g.zero_();
-                    }
-                    out
-                })
-                .collect()
-        })
+            for ((_, c), out) in self.pairs.iter().zip(into) {
+                let mut g = c.grad();
+                let mut out = out.shallow_clone();
+                if g.defined() {
+                    out.copy_(&g);
+                    let _ = g.zero_();
+                } else {
+                    let _ = out.zero_();
+                }
+            }
+        });
     }
 }

@@ -122,6 +122,13 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
         current_step.clone(),
     ));
 
+    let reporter = GrpcReporter::new(
+        runtime.handle().clone(),
+        agent.clone(),
+        placement.clone(),
+        abort.clone(),
+        current_step.clone(),
+    );
     let outcome = (|| -> anyhow::Result<()> {
         storage::check(&spec, &args.host)?;
         let threads = if spec.intra_op_threads > 0 {
@@ -154,18 +161,13 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
             &placement.next_peer_address,
             &options,
         )?;
-        let reporter = GrpcReporter {
-            runtime: runtime.handle().clone(),
-            agent: agent.clone(),
-            placement: placement.clone(),
-            abort: abort.clone(),
-            current_step: current_step.clone(),
-        };
         let summary = train::run(&spec, &placement, &mut ring, &reporter)?;
         tracing::info!(last_loss = summary.last_loss, "training finished");
         Ok(())
     })();
 
+    // The coordinator hears every step and eval report before the outcome.
+    reporter.flush();
     let error = outcome.as_ref().err().map(|e| format!("{e:#}"));
     let finished =
         runtime.block_on(agent.finish(placement.rank, placement.generation, error, FINISH_LIMIT));

@@ -7,10 +7,11 @@
 use crate::checkpoint::{self, TrainerState, TrainingState};
 use crate::collective::{Collective, CollectiveError, ReduceOp};
 use crate::data::{self, DataError, Task};
+use crate::grads::FlatGrads;
 use crate::model::io::{LoadedModel, SaveOptions};
 use crate::model::Llama;
 use crate::model::{DType, ModelError};
-use crate::optim::{clip_grad_norm, lr_at, AdamW, AdamWConfig};
+use crate::optim::{lr_at, scale_and_clip, AdamW, AdamWConfig};
 use crate::precision::{ComputeCopy, Precision};
 use crate::resume;
 use crate::spec::{Placement, TrainSpec};
@@ -260,6 +261,9 @@ pub fn run(
             (state.step, mixture)
         }
     };
+    // Gradients live in one flat buffer that the all-reduce works on in place.
+    let parameters = optimizer.parameters();
+    let flat_grads = FlatGrads::new(&parameters);
     let is_writer = placement.rank == 0;
     let mut summary = TrainSummary {
         eval_before: None,
@@ -313,34 +317,38 @@ pub fn run(
                 data::batch(&rows, spec.seq_len, pad_id, device)
             })
             .collect();
-        // Divide by the labelled tokens of the whole global batch, not per rank: then summing
-        // the ranks' gradients gives exactly the gradient of the global batch's mean loss.
+        // Backward of the loss *sums*: the gradients are divided by the labelled tokens of the
+        // whole global batch once they are summed over the ranks (then they are exactly the
+        // gradient of the global batch's mean loss). The token counts travel with the
+        // gradients, so the ranks meet once per step, not before backward as well.
+        let mut local_loss_sum = 0.0;
         let mut counts = [0.0, 0.0];
         for b in &batches {
             counts[0] += b.label_count as f64;
             counts[1] += b.input_count as f64;
-        }
-        collective.all_reduce_scalars(&mut counts, ReduceOp::Sum)?;
-        let global_tokens = counts[0].max(1.0);
-
-        let mut local_loss_sum = 0.0;
-        for b in &batches {
             let (x, y, packing) = (&b.input_ids, &b.labels, b.packing.as_ref());
             if spec.activation_checkpointing {
-                local_loss_sum +=
-                    net.loss_sum_backward_checkpointed(x, y, packing, 1.0 / global_tokens);
+                local_loss_sum += net.loss_sum_backward_checkpointed(x, y, packing, 1.0);
             } else {
                 let (loss_sum, _) = net.loss_sum_packed(x, y, packing);
                 local_loss_sum += loss_sum.double_value(&[]);
-                (loss_sum / global_tokens).backward();
+                loss_sum.backward();
             }
         }
         let mut grads = match &compute {
-            Some(c) => c.take_grads(),
-            None => optimizer.gradients(),
+            Some(c) => flat_grads.upcast_from(c),
+            None => flat_grads.adopt(&parameters).unwrap_or_else(|| {
+                if step == start {
+                    tracing::info!("a parameter has no gradient: gradients are packed per bucket");
+                }
+                optimizer.gradients()
+            }),
         };
-        collective.all_reduce(&mut grads, ReduceOp::Sum)?;
-        let grad_norm = clip_grad_norm(&grads, spec.grad_clip);
+        let mut scalars = [local_loss_sum, counts[0], counts[1]];
+        collective.all_reduce_with_scalars(&mut grads, &mut scalars, ReduceOp::Sum)?;
+        let [loss_sum, label_tokens, input_tokens] = scalars;
+        let global_tokens = label_tokens.max(1.0);
+        let grad_norm = scale_and_clip(&grads, 1.0 / global_tokens, spec.grad_clip);
         match &compute {
             Some(c) => {
                 optimizer.step_with(lr, &grads);
@@ -350,15 +358,13 @@ pub fn run(
         }
         optimizer.zero_grad();
 
-        let mut loss = [local_loss_sum];
-        collective.all_reduce_scalars(&mut loss, ReduceOp::Sum)?;
         let stats = StepStats {
             step: step + 1,
-            loss: loss[0] / global_tokens,
+            loss: loss_sum / global_tokens,
             lr,
             grad_norm,
             tokens: global_tokens as u64,
-            input_tokens: counts[1] as u64,
+            input_tokens: input_tokens as u64,
             step_seconds: started.elapsed().as_secs_f64(),
         };
         summary.last_loss = stats.loss;

@@ -2,6 +2,7 @@
 //! fp32 training, the compute copy always equals the cast masters, and the masters keep
 //! updates that bf16 weights alone would round away.
 
+use ferrotune_worker::grads::FlatGrads;
 use ferrotune_worker::model::io::LoadedModel;
 use ferrotune_worker::optim::{AdamW, AdamWConfig};
 use ferrotune_worker::precision::ComputeCopy;
@@ -34,6 +35,7 @@ fn train(bf16: bool) -> (Vec<f64>, LoadedModel, Option<ComputeCopy>) {
     let (x, y) = (ids.narrow(1, 0, 32), ids.narrow(1, 1, 32));
     let mut opt = AdamW::new(m.named_parameters(), ADAM);
     let compute = bf16.then(|| ComputeCopy::new(&m, Kind::BFloat16));
+    let flat = FlatGrads::new(&opt.parameters());
     let mut losses = Vec::new();
     for _ in 0..30 {
         let net = compute.as_ref().map_or(&m.model, |c| &c.model);
@@ -43,7 +45,7 @@ fn train(bf16: bool) -> (Vec<f64>, LoadedModel, Option<ComputeCopy>) {
         loss.backward();
         match &compute {
             Some(c) => {
-                let grads = c.take_grads();
+                let grads = flat.upcast_from(c);
                 assert!(grads.iter().all(|g| g.kind() == Kind::Float));
                 opt.step_with(3e-3, &grads);
                 c.sync();

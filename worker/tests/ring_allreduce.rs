@@ -208,3 +208,81 @@ fn a_stranger_without_the_token_cannot_join() {
     );
     let _ = stranger.join();
 }
+
+/// Gradients as views of one flat buffer (as the trainer keeps them): reduced where they lie,
+/// pipelined over many segments, repeatedly on the same ring, against a sum in f64.
+fn check_flat_views(world: usize) {
+    // Not a multiple of the world size or of a segment; ~4.9 MB, so ~19 segments per chunk.
+    let n: i64 = 1_234_567;
+    let rounds = 3;
+    let opts = options(Duration::from_secs(20), 1 << 20);
+    let (ls, addrs) = listeners(world);
+    let inputs: Vec<Vec<Tensor>> = (0..world)
+        .map(|rank| {
+            tch::manual_seed(500 + rank as i64);
+            (0..rounds)
+                .map(|_| Tensor::randn([n], (Kind::Float, tch::Device::Cpu)))
+                .collect()
+        })
+        .collect();
+    let results: Vec<Vec<Tensor>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ls
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let addrs = addrs.clone();
+                let opts = opts.clone();
+                let mine: Vec<Tensor> = inputs[rank].iter().map(|t| t.copy()).collect();
+                s.spawn(move || {
+                    let next = &addrs[(rank + 1) % world];
+                    let mut ring = Ring::connect(l, rank, world, next, &opts).unwrap();
+                    let mut out = Vec::new();
+                    for flat in mine {
+                        let before = flat.data_ptr();
+                        let mut views = vec![
+                            flat.narrow(0, 0, 1000).view([10, 100]),
+                            flat.narrow(0, 1000, 7),
+                            flat.narrow(0, 1007, n - 1007),
+                        ];
+                        ring.all_reduce(&mut views, ReduceOp::Sum).unwrap();
+                        assert_eq!(flat.data_ptr(), before, "reduced in place");
+                        out.push(flat);
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for round in 0..rounds {
+        let expected = inputs
+            .iter()
+            .map(|r| r[round].to_kind(Kind::Double))
+            .reduce(|a, b| a + b)
+            .unwrap();
+        for (rank, result) in results.iter().enumerate() {
+            let diff = (result[round].to_kind(Kind::Double) - &expected)
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(
+                diff <= 1e-5,
+                "world {world}, round {round}, rank {rank}: max diff {diff}"
+            );
+            assert!(
+                result[round].equal(&results[0][round]),
+                "world {world}, round {round}: rank {rank} differs from rank 0"
+            );
+        }
+    }
+}
+
+#[test]
+fn flat_views_over_two_ranks_reduce_in_place() {
+    check_flat_views(2);
+}
+
+#[test]
+fn flat_views_over_three_ranks_reduce_in_place() {
+    check_flat_views(3);
+}

@@ -4,6 +4,8 @@
 //! backend for GPUs implements the same trait. Gradients are packed into flat buckets so that a
 //! model with hundreds of small tensors costs a few large transfers, not hundreds of small ones.
 
+pub mod flat;
+mod pipeline;
 pub mod ring;
 
 use std::time::Duration;
@@ -58,6 +60,18 @@ pub trait Collective: Send {
         values: &mut [f64],
         op: ReduceOp,
     ) -> Result<(), CollectiveError>;
+
+    /// Reduces a step's gradients and its scalars (loss sum, token counts) in one call, so the
+    /// scalars need no synchronisation point of their own: the ranks meet once per step.
+    fn all_reduce_with_scalars(
+        &mut self,
+        tensors: &mut [Tensor],
+        scalars: &mut [f64],
+        op: ReduceOp,
+    ) -> Result<(), CollectiveError> {
+        self.all_reduce(tensors, op)?;
+        self.all_reduce_scalars(scalars, op)
+    }
 }
 
 /// The group of one: every reduction is the identity.

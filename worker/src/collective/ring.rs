@@ -5,15 +5,19 @@
 //! pass the owned chunks around). Each rank moves 2(W-1)/W of the buffer, whatever W is. Every
 //! chunk is summed in one place and copied everywhere else, so all ranks end bitwise identical.
 //!
+//! The data path (a persistent sender thread, segments pipelined through both phases) is in
+//! [`super::pipeline`]; tensor memory is reduced in place where it is one flat region
+//! ([`super::flat`]).
+//!
 //! Every socket has read and write timeouts: a dead peer gives an error (connection reset or
 //! end of stream), a silent one gives a timeout, never a hang.
 
-use super::{plan_buckets, Collective, CollectiveError, ReduceOp};
-use bytemuck::Pod;
+use super::pipeline::{self, Element, Neighbours, Sender};
+use super::{flat, plan_buckets, Collective, CollectiveError, ReduceOp};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
 
 const MAGIC: &[u8; 8] = b"FTRING01";
 
@@ -29,26 +33,20 @@ pub struct RingOptions {
 pub struct Ring {
     rank: usize,
     world_size: usize,
-    next: Option<TcpStream>,
-    prev: Option<TcpStream>,
+    link: Option<Link>,
     timeout: Duration,
     bucket_elems: usize,
+    /// Reused buffers: the packing area for tensors that are not one flat region, and the
+    /// receive area of one segment.
     bucket: Vec<f32>,
+    scratch: Vec<u64>,
 }
 
-/// Numbers the ring can sum.
-trait Element: Pod + std::ops::AddAssign + std::ops::DivAssign {
-    fn from_count(n: usize) -> Self;
-}
-impl Element for f32 {
-    fn from_count(n: usize) -> Self {
-        n as f32
-    }
-}
-impl Element for f64 {
-    fn from_count(n: usize) -> Self {
-        n as f64
-    }
+/// The two sockets of a ring of two or more: receive from the previous rank on the calling
+/// thread, send to the next one from the persistent sender thread.
+struct Link {
+    prev: TcpStream,
+    sender: Sender,
 }
 
 fn hello(rank: usize, opts: &RingOptions) -> Vec<u8> {
@@ -103,11 +101,11 @@ impl Ring {
             return Ok(Ring {
                 rank,
                 world_size,
-                next: None,
-                prev: None,
+                link: None,
                 timeout: opts.timeout,
                 bucket_elems,
                 bucket: Vec::new(),
+                scratch: Vec::new(),
             });
         }
         let next_rank = (rank + 1) % world_size;
@@ -133,75 +131,38 @@ impl Ring {
         let mut ack = [0u8; 1];
         next.read_exact(&mut ack)
             .map_err(|e| classify(e, next_rank, opts.timeout, "handshake"))?;
+        let sender = Sender::start(next).map_err(|source| CollectiveError::PeerLost {
+            peer: next_rank,
+            during: "starting the sender thread",
+            source,
+        })?;
         Ok(Ring {
             rank,
             world_size,
-            next: Some(next),
-            prev: Some(prev),
+            link: Some(Link { prev, sender }),
             timeout: opts.timeout,
             bucket_elems,
             bucket: Vec::new(),
+            scratch: Vec::new(),
         })
     }
 
-    /// Sends `send` to the next rank while receiving `recv` from the previous one. The send runs
-    /// on its own thread: with both directions blocking, two full socket buffers would deadlock.
-    fn exchange(&mut self, send: &[u8], recv: &mut [u8]) -> Result<(), CollectiveError> {
-        let (next, prev) = match (self.next.as_mut(), self.prev.as_mut()) {
-            (Some(n), Some(p)) => (n, p),
-            _ => return Ok(()),
-        };
-        let (next_rank, prev_rank) = (
-            (self.rank + 1) % self.world_size,
-            (self.rank + self.world_size - 1) % self.world_size,
-        );
-        let timeout = self.timeout;
-        std::thread::scope(|s| {
-            let writer = s.spawn(move || next.write_all(send));
-            let read = prev.read_exact(recv);
-            let written = writer
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")));
-            read.map_err(|e| classify(e, prev_rank, timeout, "all-reduce receive"))?;
-            written.map_err(|e| classify(e, next_rank, timeout, "all-reduce send"))
-        })
-    }
-
+    /// Sums (or averages) `buf` over the ring in place.
     fn reduce_in_place<T: Element>(
         &mut self,
         buf: &mut [T],
         op: ReduceOp,
     ) -> Result<(), CollectiveError> {
-        let w = self.world_size;
-        if w > 1 {
-            let n = buf.len();
-            let bounds = |c: usize| (c * n / w, (c + 1) * n / w);
-            let mut scratch: Vec<T> = vec![T::zeroed(); n.div_ceil(w) + 1];
-            // Reduce-scatter: after step s, chunk (rank - s - 1) holds s + 2 contributions.
-            for s in 0..w - 1 {
-                let (a, b) = bounds((self.rank + w - s) % w);
-                let (c, d) = bounds((self.rank + 2 * w - s - 1) % w);
-                self.exchange(
-                    bytemuck::cast_slice(&buf[a..b]),
-                    bytemuck::cast_slice_mut(&mut scratch[..d - c]),
-                )?;
-                for (x, y) in buf[c..d].iter_mut().zip(&scratch[..d - c]) {
-                    *x += *y;
-                }
-            }
-            // All-gather: pass each finished chunk around the ring.
-            for s in 0..w - 1 {
-                let (a, b) = bounds((self.rank + 1 + w - s) % w);
-                let (c, d) = bounds((self.rank + w - s) % w);
-                self.exchange(
-                    bytemuck::cast_slice(&buf[a..b]),
-                    bytemuck::cast_slice_mut(&mut scratch[..d - c]),
-                )?;
-                buf[c..d].copy_from_slice(&scratch[..d - c]);
-            }
+        let who = Neighbours {
+            rank: self.rank,
+            world_size: self.world_size,
+            timeout: self.timeout,
+        };
+        if let Some(link) = self.link.as_mut() {
+            pipeline::reduce(buf, &mut link.prev, &link.sender, &mut self.scratch, who)?;
         }
         if op == ReduceOp::Mean {
-            let div = T::from_count(w);
+            let div = T::from_count(self.world_size);
             for x in buf.iter_mut() {
                 *x /= div;
             }
@@ -216,18 +177,7 @@ fn classify(
     timeout: Duration,
     during: &'static str,
 ) -> CollectiveError {
-    match e.kind() {
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => CollectiveError::Timeout {
-            peer,
-            timeout,
-            during,
-        },
-        _ => CollectiveError::PeerLost {
-            peer,
-            during,
-            source: e,
-        },
-    }
+    pipeline::classify(e.kind(), e, peer, timeout, during)
 }
 
 fn dial(
@@ -311,45 +261,27 @@ impl Collective for Ring {
     }
 
     fn all_reduce(&mut self, tensors: &mut [Tensor], op: ReduceOp) -> Result<(), CollectiveError> {
-        for t in tensors.iter() {
-            if t.kind() != Kind::Float || t.device() != Device::Cpu {
-                return Err(CollectiveError::UnsupportedTensor {
-                    kind: t.kind(),
-                    device: t.device(),
-                });
-            }
+        flat::check_tensors(tensors)?;
+        if self.world_size == 1 && op == ReduceOp::Sum {
+            return Ok(());
+        }
+        // Gradients that are views of one flat buffer are reduced where they lie.
+        if let Some(memory) = flat::as_one_slice(tensors) {
+            return self.reduce_in_place(memory, op);
         }
         let sizes: Vec<usize> = tensors.iter().map(|t| t.numel()).collect();
         let mut bucket = std::mem::take(&mut self.bucket);
+        let mut result = Ok(());
         for range in plan_buckets(&sizes, self.bucket_elems) {
-            let total: usize = sizes[range.clone()].iter().sum();
-            bucket.clear();
-            bucket.resize(total, 0.0);
-            let mut offset = 0;
-            for i in range.clone() {
-                let n = sizes[i];
-                tensors[i]
-                    .contiguous()
-                    .view(-1)
-                    .copy_data(&mut bucket[offset..offset + n], n);
-                offset += n;
+            flat::pack(&tensors[range.clone()], &mut bucket);
+            result = self.reduce_in_place(&mut bucket, op);
+            if result.is_err() {
+                break;
             }
-            let reduced = self.reduce_in_place(&mut bucket, op);
-            if let Err(e) = reduced {
-                self.bucket = bucket;
-                return Err(e);
-            }
-            let mut offset = 0;
-            for i in range {
-                let n = sizes[i];
-                let src = Tensor::from_slice(&bucket[offset..offset + n])
-                    .view(tensors[i].size().as_slice());
-                tch::no_grad(|| tensors[i].copy_(&src));
-                offset += n;
-            }
+            flat::unpack(&bucket, &mut tensors[range]);
         }
         self.bucket = bucket;
-        Ok(())
+        result
     }
 
     fn all_reduce_scalars(

@@ -1,15 +1,18 @@
 //! The worker's side of the gRPC API: register, heartbeats, reports. The generated `pb` types
-//! stay in this module; the training loop sees [`Reporter`] and domain types only.
+//! stay in this module; the training loop sees [`Reporter`](crate::train::Reporter) and domain
+//! types only.
+
+mod reporter;
+pub use reporter::GrpcReporter;
 
 use crate::model::DType;
 use crate::precision::Precision;
 use crate::spec::{DatasetSpec, Placement, TrainSpec};
-use crate::train::{EvalResult, Reporter, StepStats};
 use ferrotune_data::pack::Overlong;
 use ferrotune_data::record::Format;
 use ferrotune_proto::v1 as pb;
 use ferrotune_proto::v1::coordinator_client::CoordinatorClient;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::metadata::MetadataValue;
@@ -246,88 +249,6 @@ fn spec_from_pb(s: pb::TrainingSpec) -> Result<TrainSpec, AgentError> {
         bucket_bytes: s.bucket_bytes as usize,
         log_every_steps: s.log_every_steps.max(1) as u64,
     })
-}
-
-/// Reports from the (blocking) training thread, carried out on the agent's runtime.
-pub struct GrpcReporter {
-    pub runtime: tokio::runtime::Handle,
-    pub agent: Agent,
-    pub placement: Placement,
-    pub abort: Arc<Mutex<Option<String>>>,
-    pub current_step: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl Reporter for GrpcReporter {
-    fn step(&self, s: &StepStats) {
-        self.current_step
-            .store(s.step, std::sync::atomic::Ordering::Relaxed);
-        let request = pb::StepReport {
-            rank: self.placement.rank as u32,
-            generation: self.placement.generation,
-            step: s.step,
-            loss: s.loss,
-            lr: s.lr,
-            grad_norm: s.grad_norm,
-            tokens: s.tokens,
-            input_tokens: s.input_tokens,
-            step_seconds: s.step_seconds,
-        };
-        if let Err(e) = self
-            .runtime
-            .block_on(self.agent.client.clone().report_step(request))
-        {
-            tracing::warn!("step report not delivered: {}", e.message());
-        }
-    }
-
-    fn eval(&self, phase: &str, step: u64, result: &EvalResult) {
-        let request = pb::EvalReport {
-            rank: self.placement.rank as u32,
-            generation: self.placement.generation,
-            step,
-            phase: phase.into(),
-            loss: result.loss,
-            tokens: result.tokens,
-            tasks: result
-                .tasks
-                .iter()
-                .map(|t| pb::TaskEval {
-                    name: t.name.clone(),
-                    loss: t.loss,
-                    tokens: t.tokens,
-                })
-                .collect(),
-        };
-        if let Err(e) = self
-            .runtime
-            .block_on(self.agent.client.clone().report_eval(request))
-        {
-            tracing::warn!("eval report not delivered: {}", e.message());
-        }
-    }
-
-    fn commit_checkpoint(
-        &self,
-        step: u64,
-        staging: &Path,
-        is_final: bool,
-    ) -> Result<PathBuf, String> {
-        let request = pb::CheckpointReady {
-            rank: self.placement.rank as u32,
-            generation: self.placement.generation,
-            step,
-            staging_dir: staging.to_string_lossy().into_owned(),
-            is_final,
-        };
-        self.runtime
-            .block_on(self.agent.client.clone().commit_checkpoint(request))
-            .map(|r| PathBuf::from(r.into_inner().path))
-            .map_err(|e| format!("commit of step {step} refused: {}", e.message()))
-    }
-
-    fn abort_reason(&self) -> Option<String> {
-        self.abort.lock().ok().and_then(|a| a.clone())
-    }
 }
 
 pub struct HeartbeatTiming {

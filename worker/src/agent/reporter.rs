@@ -1,0 +1,158 @@
+//! Reports from the (blocking) training thread to the coordinator.
+//!
+//! Step and eval reports are queued and sent, in order, by one task on the agent's runtime: a
+//! step never waits for a round trip to the coordinator. A checkpoint commit needs the answer,
+//! so it waits, after the queue ahead of it has drained (the coordinator hears of step N
+//! before it commits step N); so does [`GrpcReporter::flush`], before the final report.
+
+use super::Agent;
+use crate::spec::Placement;
+use crate::train::{EvalResult, Reporter, StepStats};
+use ferrotune_proto::v1 as pb;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// A report that has not arrived within this is given up on (and logged): the heartbeat loop,
+/// not the reports, decides whether the coordinator is gone.
+const REPORT_LIMIT: Duration = Duration::from_secs(30);
+
+enum Queued {
+    Step(pb::StepReport),
+    Eval(pb::EvalReport),
+    /// Answered once everything queued before it has been sent.
+    Flush(oneshot::Sender<()>),
+}
+
+pub struct GrpcReporter {
+    runtime: tokio::runtime::Handle,
+    agent: Agent,
+    placement: Placement,
+    abort: Arc<Mutex<Option<String>>>,
+    current_step: Arc<AtomicU64>,
+    queue: mpsc::UnboundedSender<Queued>,
+}
+
+impl GrpcReporter {
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        agent: Agent,
+        placement: Placement,
+        abort: Arc<Mutex<Option<String>>>,
+        current_step: Arc<AtomicU64>,
+    ) -> GrpcReporter {
+        let (queue, pending) = mpsc::unbounded_channel();
+        runtime.spawn(send_in_order(agent.clone(), pending));
+        GrpcReporter {
+            runtime,
+            agent,
+            placement,
+            abort,
+            current_step,
+            queue,
+        }
+    }
+
+    /// Waits until every queued report has been sent (or given up on).
+    pub fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.queue.send(Queued::Flush(done)).is_ok() {
+            let _ = self.runtime.block_on(wait);
+        }
+    }
+}
+
+async fn send_in_order(agent: Agent, mut pending: mpsc::UnboundedReceiver<Queued>) {
+    while let Some(item) = pending.recv().await {
+        let mut client = agent.client.clone();
+        let (what, sent) = match item {
+            Queued::Step(r) => (
+                "step",
+                tokio::time::timeout(REPORT_LIMIT, client.report_step(r))
+                    .await
+                    .map(|r| r.map(|_| ())),
+            ),
+            Queued::Eval(r) => (
+                "eval",
+                tokio::time::timeout(REPORT_LIMIT, client.report_eval(r))
+                    .await
+                    .map(|r| r.map(|_| ())),
+            ),
+            Queued::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
+        };
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{what} report not delivered: {}", e.message()),
+            Err(_) => tracing::warn!("{what} report not delivered within {REPORT_LIMIT:?}"),
+        }
+    }
+}
+
+impl Reporter for GrpcReporter {
+    fn step(&self, s: &StepStats) {
+        self.current_step.store(s.step, Ordering::Relaxed);
+        let report = pb::StepReport {
+            rank: self.placement.rank as u32,
+            generation: self.placement.generation,
+            step: s.step,
+            loss: s.loss,
+            lr: s.lr,
+            grad_norm: s.grad_norm,
+            tokens: s.tokens,
+            input_tokens: s.input_tokens,
+            step_seconds: s.step_seconds,
+        };
+        // Only fails once the runtime is gone, when nobody is left to tell.
+        let _ = self.queue.send(Queued::Step(report));
+    }
+
+    fn eval(&self, phase: &str, step: u64, result: &EvalResult) {
+        let report = pb::EvalReport {
+            rank: self.placement.rank as u32,
+            generation: self.placement.generation,
+            step,
+            phase: phase.into(),
+            loss: result.loss,
+            tokens: result.tokens,
+            tasks: result
+                .tasks
+                .iter()
+                .map(|t| pb::TaskEval {
+                    name: t.name.clone(),
+                    loss: t.loss,
+                    tokens: t.tokens,
+                })
+                .collect(),
+        };
+        let _ = self.queue.send(Queued::Eval(report));
+    }
+
+    fn commit_checkpoint(
+        &self,
+        step: u64,
+        staging: &Path,
+        is_final: bool,
+    ) -> Result<PathBuf, String> {
+        self.flush();
+        let request = pb::CheckpointReady {
+            rank: self.placement.rank as u32,
+            generation: self.placement.generation,
+            step,
+            staging_dir: staging.to_string_lossy().into_owned(),
+            is_final,
+        };
+        self.runtime
+            .block_on(self.agent.client.clone().commit_checkpoint(request))
+            .map(|r| PathBuf::from(r.into_inner().path))
+            .map_err(|e| format!("commit of step {step} refused: {}", e.message()))
+    }
+
+    fn abort_reason(&self) -> Option<String> {
+        self.abort.lock().ok().and_then(|a| a.clone())
+    }
+}
