@@ -9,7 +9,8 @@ shape through `add_figure`.
 
 usage: python bench/run.py [--quick] [--check] [--only GROUP ...]
   --quick  one round, few iterations, a tiny model, 256 simulated workers (make test runs this)
-  --only   allreduce, train_step and/or control_plane (default: all); the JSON then holds those
+  --only   allreduce, train_step, ddp_overhead and/or control_plane (default: all); the JSON
+           then holds those
   --check  fail unless every figure is present, finite, and each peer reference came from a
            real torch process
 """
@@ -213,6 +214,51 @@ def bench_train_step(args):
     add_figure("train_step", ours, theirs, "tokens/s", True, source=source, detail=detail)
 
 
+def bench_ddp_overhead(args):
+    """Step time of 2 data-parallel workers over 1 at the same per-worker batch, 1 thread each:
+    what data parallelism costs (the all-reduce, and two processes sharing a machine). Ours over
+    the TCP ring vs torch DistributedDataParallel over Gloo, on the same model."""
+    rounds = 1 if args.quick else 3
+    config = dict(TRAIN_CONFIG)
+    shape = ["--batch", "2", "--seq", "256", "--warmup", "1", "--steps", "4", "--threads", "1"]
+    if args.quick:
+        config.update(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+        shape = ["--batch", "2", "--seq", "64", "--warmup", "1", "--steps", "2", "--threads", "1"]
+    with tempfile.TemporaryDirectory() as model:
+        with open(os.path.join(model, "config.json"), "w") as f:
+            json.dump(config, f)
+        common = ["--model", model] + shape
+
+        def step_s(impl, world):
+            if impl == "ours":
+                ports = ",".join(str(free_port()) for _ in range(world))
+                extra = lambda r: ["--rank", str(r), "--ports", ports] if world > 1 else []
+                cmds = [[os.path.join(BIN, "train-step")] + common + extra(r)
+                        for r in range(world)]
+            else:
+                port = str(free_port())
+                cmds = [[sys.executable, os.path.join(ROOT, "bench", "torch_train_step.py")]
+                        + common + ["--rank", str(r), "--world", str(world), "--port", port]
+                        for r in range(world)]
+            return run_ranks(cmds)
+
+        ours, theirs, source, detail = [], [], None, {}
+        for r in range(rounds):
+            order = ["ours", "torch"] if r % 2 == 0 else ["torch", "ours"]
+            for impl in order:
+                one, two = step_s(impl, 1), step_s(impl, 2)
+                (ours if impl == "ours" else theirs).append(two["step_s"] / one["step_s"])
+                detail.setdefault(f"{impl}_step_s_1_worker", []).append(one["step_s"])
+                detail.setdefault(f"{impl}_step_s_2_workers", []).append(two["step_s"])
+                if impl == "ours":
+                    detail.setdefault("ours_allreduce_s_2_workers", []).append(two["allreduce_s"])
+                if "torch" in two:
+                    source = f"torch {two['torch']} DDP gloo"
+    add_figure("ddp_overhead", ours, theirs, "x step time, 2 vs 1 worker", False,
+               source=source, detail=detail)
+
+
 def bench_control_plane(args):
     counts = [256] if args.quick else [256, 1024, 4096]
     seconds = 3 if args.quick else 10
@@ -299,7 +345,7 @@ def markdown(limit, quick):
 
 def check():
     expected = ["allreduce_1mib_2ranks", "allreduce_16mib_2ranks", "allreduce_64mib_2ranks",
-                "allreduce_64mib_3ranks", "train_step", "rendezvous_256", "heartbeat_p99_256"]
+                "allreduce_64mib_3ranks", "train_step", "ddp_overhead", "rendezvous_256", "heartbeat_p99_256"]
     problems = [f"missing figure {n}" for n in expected if n not in figures]
     for name, f in figures.items():
         for key in ["ours", "reference", "ratio"]:
@@ -316,13 +362,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--check", action="store_true")
-    groups = ["allreduce", "train_step", "control_plane"]
+    groups = ["allreduce", "train_step", "ddp_overhead", "control_plane"]
     ap.add_argument("--only", nargs="+", choices=groups, default=groups)
     args = ap.parse_args()
     started = time.time()
     limit = bench_allreduce(args) if "allreduce" in args.only else None
     if "train_step" in args.only:
         bench_train_step(args)
+    if "ddp_overhead" in args.only:
+        bench_ddp_overhead(args)
     if "control_plane" in args.only:
         bench_control_plane(args)
     os.makedirs(OUT, exist_ok=True)

@@ -1,12 +1,17 @@
-//! One process, one measurement: full training steps (forward, backward, AdamW) of a randomly
-//! initialised model through the worker's own model and optimizer code, on CPU. Prints one JSON
-//! line. bench/train_step.py runs it alternately with the PyTorch eager reference and prints
-//! the ratio.
+//! One process, one measurement: full training steps (forward, backward, gradient all-reduce,
+//! clip, AdamW) of a randomly initialised model through the worker's own model, gradient,
+//! collective and optimizer code, on CPU, in the order the trainer runs them. Prints one JSON
+//! line (rank 0). bench/run.py runs it alternately with the PyTorch eager reference
+//! (`train_step`), and as 1 and 2 ranks over the TCP ring against torch DDP over Gloo
+//! (`ddp_overhead`).
 
 use clap::Parser;
+use ferrotune_worker::collective::ring::{Ring, RingOptions};
+use ferrotune_worker::collective::{Collective, ReduceOp, SingleProcess};
+use ferrotune_worker::grads::FlatGrads;
 use ferrotune_worker::model::io::LoadedModel;
-use ferrotune_worker::optim::{AdamW, AdamWConfig};
-use std::time::Instant;
+use ferrotune_worker::optim::{scale_and_clip, AdamW, AdamWConfig};
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Parser)]
@@ -26,6 +31,37 @@ struct Args {
     threads: i32,
     #[arg(long)]
     activation_checkpointing: bool,
+    /// This process's rank, with --ports: data parallelism over the worker's TCP ring.
+    #[arg(long, default_value_t = 0)]
+    rank: usize,
+    /// Loopback ports of all ranks, in rank order, comma-separated (none: one process).
+    #[arg(long, value_delimiter = ',')]
+    ports: Vec<u16>,
+}
+
+fn collective(args: &Args) -> anyhow::Result<Box<dyn Collective>> {
+    if args.ports.len() < 2 {
+        return Ok(Box::new(SingleProcess));
+    }
+    let listener = std::net::TcpListener::bind(("127.0.0.1", args.ports[args.rank]))?;
+    let next = format!(
+        "127.0.0.1:{}",
+        args.ports[(args.rank + 1) % args.ports.len()]
+    );
+    let options = RingOptions {
+        timeout: Duration::from_secs(120),
+        // The trainer's default bucket (25 MB), as torch DDP's.
+        bucket_bytes: 25_000_000,
+        token: "bench".into(),
+        generation: 1,
+    };
+    Ok(Box::new(Ring::connect(
+        listener,
+        args.rank,
+        args.ports.len(),
+        &next,
+        &options,
+    )?))
 }
 
 fn peak_rss_mib() -> f64 {
@@ -42,6 +78,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tch::set_num_threads(args.threads);
     tch::set_num_interop_threads(1);
+    let mut collective = collective(&args)?;
     tch::manual_seed(0);
     let model = LoadedModel::load(&args.model, true, Device::Cpu)?;
     let mut optimizer = AdamW::new(
@@ -53,8 +90,14 @@ fn main() -> anyhow::Result<()> {
             weight_decay: 0.1,
         },
     );
+    let parameters = optimizer.parameters();
+    let flat = FlatGrads::new(&parameters);
     let vocab = model.config.vocab_size;
-    let mut step = || {
+    // Each rank draws its own batch (its data-parallel share).
+    tch::manual_seed(1 + args.rank as i64);
+    let mut in_place = false;
+    // Returns the seconds inside the all-reduce: the communication share of a step.
+    let mut step = || -> anyhow::Result<f64> {
         let ids = Tensor::randint(
             vocab,
             [args.batch, args.seq + 1],
@@ -62,27 +105,41 @@ fn main() -> anyhow::Result<()> {
         );
         let x = ids.narrow(1, 0, args.seq);
         let y = ids.narrow(1, 1, args.seq);
-        let tokens = (args.batch * args.seq) as f64;
-        if args.activation_checkpointing {
+        let loss_sum = if args.activation_checkpointing {
             model
                 .model
-                .loss_sum_backward_checkpointed(&x, &y, None, 1.0 / tokens);
+                .loss_sum_backward_checkpointed(&x, &y, None, 1.0)
         } else {
             let (loss, _) = model.model.loss_sum(&x, &y);
-            (loss / tokens).backward();
-        }
+            let value = loss.double_value(&[]);
+            loss.backward();
+            value
+        };
+        let adopted = flat.adopt(&parameters);
+        in_place = adopted.is_some();
+        let mut grads = adopted.unwrap_or_else(|| optimizer.gradients());
+        let mut scalars = [loss_sum, (args.batch * args.seq) as f64];
+        let reduce_started = Instant::now();
+        collective.all_reduce_with_scalars(&mut grads, &mut scalars, ReduceOp::Sum)?;
+        let reducing = reduce_started.elapsed().as_secs_f64();
+        scale_and_clip(&grads, 1.0 / scalars[1], 1.0);
         optimizer.step(1e-4);
         optimizer.zero_grad();
+        Ok(reducing)
     };
     for _ in 0..args.warmup {
-        step();
+        step()?;
     }
     let started = Instant::now();
+    let mut reducing = 0.0;
     for _ in 0..args.steps {
-        step();
+        reducing += step()?;
     }
     let seconds = started.elapsed().as_secs_f64();
     let tokens = (args.steps as i64 * args.batch * args.seq) as f64;
+    if args.rank != 0 {
+        return Ok(());
+    }
     println!(
         "{}",
         serde_json::json!({
@@ -91,6 +148,9 @@ fn main() -> anyhow::Result<()> {
             "step_s": seconds / args.steps as f64,
             "peak_rss_mib": peak_rss_mib(),
             "activation_checkpointing": args.activation_checkpointing,
+            "world_size": args.ports.len().max(1),
+            "allreduce_s": reducing / args.steps as f64,
+            "gradients_reduced_in_place": in_place,
         })
     );
     Ok(())
