@@ -274,9 +274,11 @@ impl Coordinator for Service {
             Reply::Committed(Ok(path)) => Ok(Response::new(pb::CheckpointCommitted { path })),
             Reply::Committed(Err(e)) => Err(Status::internal(e)),
             Reply::Rejected(reason) => Err(Status::failed_precondition(reason)),
-            _ => Ok(Response::new(pb::CheckpointCommitted {
-                path: String::new(),
-            })),
+            // Never a success without a path: the worker would report a checkpoint that is not.
+            other => Err(Status::internal(format!(
+                "checkpoint of step {} not committed: unexpected answer {other:?}",
+                r.step
+            ))),
         }
     }
 
@@ -299,8 +301,16 @@ mod tests {
     use super::*;
     use ferrotune_proto::v1::coordinator_client::CoordinatorClient;
 
-    #[tokio::test]
-    async fn calls_without_the_job_token_are_refused() {
+    /// A real server in front of a stand-in driver that answers every event with `answer()`.
+    /// Returns its address, the driver (counting what got through) and the server's stop.
+    async fn serve(
+        answer: fn() -> Reply,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<usize>,
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    ) {
         let tmp = tempfile::tempdir().unwrap();
         let text = crate::config::tests::fixture(tmp.path());
         let config = crate::config::parse(&text, tmp.path()).unwrap();
@@ -318,18 +328,33 @@ mod tests {
                     },
                 ),
         );
-        // Stands in for the driver: counts what gets through and lets it continue.
         let driver = tokio::spawn(async move {
             let mut seen = 0;
             while let Some(inbound) = rx.recv().await {
                 seen += 1;
-                let _ = inbound.reply.send(Reply::Heartbeat {
-                    proceed: true,
-                    reason: String::new(),
-                });
+                let _ = inbound.reply.send(answer());
             }
             seen
         });
+        (addr, driver, stop, server)
+    }
+
+    fn with_token<T>(message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.metadata_mut().insert(
+            ferrotune_proto::TOKEN_METADATA_KEY,
+            "secret".parse().unwrap(),
+        );
+        request
+    }
+
+    #[tokio::test]
+    async fn calls_without_the_job_token_are_refused() {
+        let (addr, driver, stop, server) = serve(|| Reply::Heartbeat {
+            proceed: true,
+            reason: String::new(),
+        })
+        .await;
         let mut client = CoordinatorClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
@@ -351,12 +376,11 @@ mod tests {
             tonic::Code::Unauthenticated
         );
 
-        let mut right = Request::new(beat());
-        right.metadata_mut().insert(
-            ferrotune_proto::TOKEN_METADATA_KEY,
-            "secret".parse().unwrap(),
-        );
-        let answer = client.heartbeat(right).await.unwrap().into_inner();
+        let answer = client
+            .heartbeat(with_token(beat()))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(answer.command, pb::Command::Continue as i32);
 
         drop(client);
@@ -367,5 +391,34 @@ mod tests {
             1,
             "only the call with the token may reach the job"
         );
+    }
+
+    #[tokio::test]
+    async fn a_commit_answered_with_anything_but_a_path_is_an_error() {
+        // The job already over answers a late commit with a plain acknowledgement.
+        let (addr, _driver, stop, server) = serve(|| Reply::Ack).await;
+        let mut client = CoordinatorClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let ready = pb::CheckpointReady {
+            rank: 0,
+            generation: 1,
+            step: 7,
+            staging_dir: "/tmp/nowhere".into(),
+            is_final: false,
+        };
+        let err = client
+            .commit_checkpoint(with_token(ready))
+            .await
+            .expect_err("an acknowledgement is not a commit");
+        assert_eq!(err.code(), tonic::Code::Internal);
+        assert!(
+            err.message().contains("step 7 not committed"),
+            "{}",
+            err.message()
+        );
+        drop(client);
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
     }
 }

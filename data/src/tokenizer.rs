@@ -47,6 +47,48 @@ fn config_id(config: &Value, field: &str) -> Option<u32> {
     v.as_u64().and_then(|id| u32::try_from(id).ok())
 }
 
+/// config.json's vocabulary size (transformers 5 nests a text model's under `text_config`).
+fn model_vocab_size(config: &Value) -> Option<u64> {
+    config
+        .get("vocab_size")
+        .or_else(|| config.get("text_config")?.get("vocab_size"))
+        .and_then(Value::as_u64)
+}
+
+/// Every id the tokenizer can produce must have a row in the model's embedding; an added
+/// special token beyond `vocab_size` would otherwise fail deep inside the first forward.
+fn check_vocab_fits(
+    inner: &tokenizers::Tokenizer,
+    model_config: &Value,
+    dir: &Path,
+) -> Result<(), DataError> {
+    let Some(vocab_size) = model_vocab_size(model_config) else {
+        return Ok(());
+    };
+    let vocab = inner.get_vocab(true);
+    let Some((token, max_id)) = vocab.iter().max_by_key(|(_, id)| **id) else {
+        return Ok(());
+    };
+    if u64::from(*max_id) < vocab_size {
+        return Ok(());
+    }
+    let beyond = vocab
+        .values()
+        .filter(|id| u64::from(**id) >= vocab_size)
+        .count();
+    Err(DataError::Tokenizer {
+        path: dir.join("tokenizer.json").display().to_string(),
+        message: format!(
+            "token ids go up to {max_id} (`{token}`; {beyond} ids in all are >= {vocab_size}), \
+             but {}'s vocab_size is {vocab_size}, so the model has no embedding for them; \
+             resize the model's embeddings to at least {} (transformers: \
+             model.resize_token_embeddings) and save it, or use the tokenizer the model came with",
+            dir.join("config.json").display(),
+            u64::from(*max_id) + 1
+        ),
+    })
+}
+
 impl Tokenizer {
     fn from_file(path: &Path) -> Result<Self, DataError> {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
@@ -79,6 +121,7 @@ impl Tokenizer {
                 None => Ok(config_id(&model_config, &format!("{field}_id"))),
             }
         };
+        check_vocab_fits(&tokenizer.inner, &model_config, dir)?;
         tokenizer.special = SpecialTokens {
             bos: lookup("bos_token")?,
             eos: lookup("eos_token")?,
@@ -195,6 +238,34 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("`eos_token`") && err.contains("</s>"), "{err}");
+    }
+
+    #[test]
+    fn ids_beyond_the_models_vocab_size_are_refused_naming_both_numbers() {
+        let fits = model_dir(serde_json::json!({"vocab_size": 512}), None);
+        let t = Tokenizer::from_model_dir(fits.path()).unwrap();
+        let max_id = (0..512)
+            .rev()
+            .find(|id| t.token_text(*id).is_some())
+            .unwrap();
+        // Exactly one id short: the highest id has no embedding row.
+        let short = model_dir(serde_json::json!({"vocab_size": max_id}), None);
+        let err = Tokenizer::from_model_dir(short.path())
+            .err()
+            .expect("a tokenizer with ids beyond vocab_size")
+            .to_string();
+        assert!(
+            err.contains(&format!("go up to {max_id}"))
+                && err.contains(&format!("vocab_size is {max_id}"))
+                && err.contains("resize_token_embeddings"),
+            "{err}"
+        );
+        // transformers 5 nests a text model's vocabulary size.
+        let nested = model_dir(
+            serde_json::json!({"text_config": {"vocab_size": max_id}}),
+            None,
+        );
+        assert!(Tokenizer::from_model_dir(nested.path()).is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! a coordinator killed with SIGKILL takes them with it). `kill_on_drop` covers the rest.
 
 use super::{LaunchError, LauncherEvent};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,9 @@ use tokio::sync::{mpsc, watch};
 
 struct Running {
     pid: u32,
+    /// A pidfd names this very process even after it has been reaped, where a pid could name
+    /// a stranger that reused it; None on kernels without pidfd_open (before 5.3).
+    pidfd: Option<OwnedFd>,
     exited: watch::Receiver<bool>,
 }
 
@@ -59,6 +63,7 @@ impl Children {
             source,
         })?;
         let pid = child.id().unwrap_or(0);
+        let pidfd = open_pidfd(pid);
         tracing::debug!(%worker_id, pid, "started");
 
         let log = std::fs::File::create(&log_path)
@@ -105,6 +110,7 @@ impl Children {
         });
         self.running.push(Running {
             pid,
+            pidfd,
             exited: exited_rx,
         });
         Ok(())
@@ -132,15 +138,54 @@ impl Children {
 
     fn signal(&self, signal: i32) {
         for w in &self.running {
-            if !*w.exited.borrow() && w.pid != 0 {
-                // SAFETY: kill(2) on a pid we spawned and have not reaped yet (its waiter has
-                // not flagged it exited), so the pid still names our child or its zombie.
-                unsafe {
-                    libc::kill(w.pid as i32, signal);
+            if *w.exited.borrow() {
+                continue;
+            }
+            match &w.pidfd {
+                Some(fd) => {
+                    let _ = pidfd_signal(fd, signal);
                 }
+                // Without pidfd a pid reaped by its waiter but not yet flagged exited could
+                // have been reused: a window of microseconds, on kernels older than 5.3 only.
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                None if w.pid != 0 => unsafe {
+                    libc::kill(w.pid as i32, signal);
+                },
+                None => {}
             }
         }
     }
+}
+
+/// Signals the process behind `fd`; once it is gone (even reaped and its pid reused) this
+/// fails with ESRCH and signals nobody.
+fn pidfd_signal(fd: &OwnedFd, signal: i32) -> std::io::Result<()> {
+    // SAFETY: pidfd_send_signal(2) with a pidfd we own, no siginfo and no flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A pidfd for a child that has not been waited for yet (so its pid still names it).
+fn open_pidfd(pid: u32) -> Option<OwnedFd> {
+    if pid == 0 {
+        return None;
+    }
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a non-negative result is a descriptor that nothing else owns.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn describe(status: &std::process::ExitStatus) -> String {
@@ -199,4 +244,30 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pidfd_signals_its_process_and_nobody_once_it_is_reaped() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let Some(fd) = open_pidfd(child.id()) else {
+            // Kernels before 5.3 have no pidfd; the kill(2) fallback is all there is.
+            eprintln!("skipped: this kernel has no pidfd_open");
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        };
+        pidfd_signal(&fd, libc::SIGKILL).expect("the child is alive");
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+        // Reaped: whoever gets that pid next, the pidfd no longer reaches anyone.
+        let err = pidfd_signal(&fd, libc::SIGTERM).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ESRCH), "{err}");
+    }
 }

@@ -146,10 +146,17 @@ impl Reporter for GrpcReporter {
             staging_dir: staging.to_string_lossy().into_owned(),
             is_final,
         };
-        self.runtime
+        let committed = self
+            .runtime
             .block_on(self.agent.client.clone().commit_checkpoint(request))
-            .map(|r| PathBuf::from(r.into_inner().path))
-            .map_err(|e| format!("commit of step {step} refused: {}", e.message()))
+            .map_err(|e| format!("commit of step {step} refused: {}", e.message()))?
+            .into_inner();
+        if committed.path.is_empty() {
+            return Err(format!(
+                "commit of step {step}: the coordinator answered without a checkpoint path"
+            ));
+        }
+        Ok(PathBuf::from(committed.path))
     }
 
     fn abort_reason(&self) -> Option<String> {

@@ -67,14 +67,33 @@ pub fn run_reference(python: &Path, script: &str, args: &[&Path]) {
     );
 }
 
-/// The golden values of hf_goldens.py, generated once per script version into the target
-/// directory (written to a temporary name, then renamed, so a half-written set is never used).
+/// The installed torch and transformers versions, read from package metadata (no import).
+fn reference_versions(python: &Path) -> Vec<u8> {
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('torch'), m.version('transformers'))",
+        ])
+        .output()
+        .expect("run the reference Python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The golden values of hf_goldens.py, generated once per script version and per installed
+/// torch + transformers into the target directory (written to a temporary name, then renamed,
+/// so a half-written set is never used).
 pub fn goldens() -> Option<PathBuf> {
     static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
     DIR.get_or_init(|| {
         let python = reference_python()?;
-        let script = std::fs::read(parity_script("hf_goldens.py")).unwrap();
-        let hash = script.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+        let mut key = std::fs::read(parity_script("hf_goldens.py")).unwrap();
+        key.extend(reference_versions(&python));
+        let hash = key.iter().fold(0xcbf29ce484222325u64, |h, &b| {
             (h ^ b as u64).wrapping_mul(0x100000001b3)
         });
         let dir =
