@@ -7,10 +7,12 @@ use crate::config::JobConfig;
 use crate::endpoint;
 use crate::job::{Action, Event, Job, JobParams, Outcome};
 use crate::launcher::{LaunchPlan, Launcher, LauncherEvent};
+use crate::lease::{Lease, LeaseError};
 use crate::progress::Progress;
 use crate::server::{self, Inbound, Reply};
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -49,6 +51,8 @@ pub struct Startup {
     pub token: String,
     pub worker_binary: PathBuf,
     pub launcher: Box<dyn Launcher>,
+    /// This coordinator's hold on checkpoint.dir, taken before anything was written there.
+    pub lease: Lease,
 }
 
 pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, DriverError> {
@@ -57,7 +61,11 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         token,
         worker_binary,
         mut launcher,
+        lease,
     } = startup;
+    let lease = Arc::new(lease);
+    let (lease_lost_tx, mut lease_lost) = mpsc::unbounded_channel::<String>();
+    let renewal = tokio::spawn(keep_lease(lease.clone(), lease_lost_tx));
     std::fs::create_dir_all(&config.checkpoint_dir).map_err(|source| {
         DriverError::CheckpointDir {
             dir: config.checkpoint_dir.clone(),
@@ -135,6 +143,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
             Some(LauncherEvent::Exited { worker_id, success, status, last_line }) = launcher_events.recv() => {
                 (Event::WorkerExited { worker_id, success, status, last_line }, None)
             }
+            Some(reason) = lease_lost.recv() => (Event::LeaseLost { reason }, None),
             Some(done) = commits.recv() => {
                 let CommitDone { step, is_final, result, writer } = done;
                 if let Ok(path) = &result {
@@ -221,13 +230,17 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                         let staging = PathBuf::from(&staging_dir);
                         let done = commits_tx.clone();
                         let writer = reply.take();
+                        let lease = lease.clone();
                         tokio::spawn(async move {
                             let result = tokio::task::spawn_blocking(move || {
+                                // A coordinator whose directory was taken over commits nothing.
+                                lease.check().map_err(|e| e.to_string())?;
                                 checkpoint::commit(&root, &staging, step, is_final, keep)
+                                    .map_err(|e| e.to_string())
                             })
                             .await
                             .map_err(|e| e.to_string())
-                            .and_then(|r| r.map_err(|e| e.to_string()));
+                            .and_then(|r| r);
                             let _ = done.send(CommitDone {
                                 step,
                                 is_final,
@@ -292,6 +305,8 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         )
         .await;
     }
+    renewal.abort();
+    let _ = tokio::task::spawn_blocking(move || lease.release()).await;
     let _ = shutdown_tx.send(());
     // A graceful shutdown waits for every connection to close, and one to a host whose link is
     // gone never does: give it a moment, then drop the server.
@@ -304,6 +319,28 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         eval_before: progress.eval_before,
         eval_after: progress.eval_after,
     })
+}
+
+/// Renews the lease until the job ends (the task is aborted then), off the event loop: a slow
+/// shared filesystem must not delay heartbeats. Reports once if the lease was taken over.
+async fn keep_lease(lease: Arc<Lease>, lost: mpsc::UnboundedSender<String>) {
+    let mut ticker = tokio::time::interval(lease.renew_every());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let l = lease.clone();
+        match tokio::task::spawn_blocking(move || l.renew()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e @ LeaseError::Lost { .. })) => {
+                let _ = lost.send(e.to_string());
+                return;
+            }
+            // A failed write is retried at the next tick; the timeout allows for three.
+            Ok(Err(e)) => tracing::warn!("could not renew the checkpoint directory's lease: {e}"),
+            Err(_) => return,
+        }
+    }
 }
 
 /// A checkpoint commit that has finished, and the writer's call still to answer.

@@ -108,6 +108,10 @@ pub enum Event {
     LaunchFailed {
         reason: String,
     },
+    /// Another coordinator took over the checkpoint directory's lease.
+    LeaseLost {
+        reason: String,
+    },
     /// The user asked to stop (Ctrl-C, SIGTERM).
     Interrupted,
     /// Time passes; deadlines are checked.
@@ -316,6 +320,7 @@ impl Job {
                 last_line,
             } => self.on_exit(&worker_id, success, status, last_line, now),
             Event::LaunchFailed { reason } => self.fail(format!("launcher: {reason}")),
+            Event::LeaseLost { reason } => self.fail(format!("{reason}; this coordinator stops")),
             Event::Interrupted => self.stop(Outcome::Interrupted, "interrupted by the user".into()),
             Event::Tick => self.on_tick(now),
         }

@@ -11,6 +11,7 @@ pub mod driver;
 pub mod endpoint;
 pub mod job;
 pub mod launcher;
+pub mod lease;
 mod natural;
 pub mod progress;
 pub mod resume;

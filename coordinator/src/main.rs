@@ -3,8 +3,8 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ferrotune_coordinator::{
-    checkpoint, config, datacheck, driver, endpoint, job::Outcome, launcher, resolve_worker_binary,
-    resume,
+    checkpoint, config, datacheck, driver, endpoint, job::Outcome, launcher, lease,
+    resolve_worker_binary, resume,
 };
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -189,7 +189,11 @@ fn prepare_startup(c: &config::JobConfig) -> Result<driver::Startup, ExitCode> {
     };
     let token = endpoint::job_token(c, &env).map_err(|e| bad_input(&e, e.hint()))?;
     let listener = endpoint::bind(c.cluster.listen).map_err(|e| bad_input(&e, e.hint()))?;
+    // Last of the refusals, first write: nothing under checkpoint.dir is touched before this.
+    let lease = lease::Lease::acquire(&c.checkpoint_dir, &c.name, c.checkpoint_lease_timeout)
+        .map_err(|e| bad_input(&e, e.hint()))?;
     Ok(driver::Startup {
+        lease,
         listener,
         token,
         worker_binary,

@@ -85,6 +85,8 @@ struct CheckpointSection {
     dtype: Option<Spanned<String>>,
     #[serde(default)]
     max_shard_size: Option<Spanned<String>>,
+    #[serde(default = "defaults::lease_timeout_s")]
+    lease_timeout_s: Spanned<u32>,
 }
 
 mod defaults {
@@ -121,6 +123,9 @@ mod defaults {
     pub fn keep() -> Spanned<u32> {
         unspanned(2)
     }
+    pub fn lease_timeout_s() -> Spanned<u32> {
+        unspanned(30)
+    }
 }
 
 /// A validated job: every path absolute and checked, every number in range.
@@ -150,6 +155,9 @@ pub struct JobConfig {
     /// Canonical Hugging Face dtype name; None keeps the base model's.
     pub checkpoint_dtype: Option<String>,
     pub checkpoint_max_shard_bytes: u64,
+    /// A coordinator's lease on checkpoint_dir may be taken over once it has not been renewed
+    /// for this long (its owner crashed).
+    pub checkpoint_lease_timeout: std::time::Duration,
     pub activation_checkpointing: bool,
     /// "fp32", or "bf16": bf16 compute weights with fp32 master weights and optimizer state.
     pub precision: String,
@@ -384,6 +392,8 @@ impl Checks<'_> {
         let grad_clip = self.finite_at_least(&t.grad_clip, "training.grad_clip", 0.0, false);
 
         let checkpoint_keep = self.positive_u32(&f.checkpoint.keep, "checkpoint.keep");
+        let lease_timeout_s =
+            self.positive_u32(&f.checkpoint.lease_timeout_s, "checkpoint.lease_timeout_s");
         let checkpoint_dir = self.resolve(&f.checkpoint.dir.value);
         if checkpoint_dir.is_file() {
             self.push(
@@ -467,6 +477,7 @@ impl Checks<'_> {
             checkpoint_dir,
             checkpoint_every_steps: f.checkpoint.every_steps,
             checkpoint_keep,
+            checkpoint_lease_timeout: std::time::Duration::from_secs(u64::from(lease_timeout_s)),
             checkpoint_dtype,
             checkpoint_max_shard_bytes,
             activation_checkpointing: f.model.activation_checkpointing,
