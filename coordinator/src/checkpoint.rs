@@ -1,17 +1,18 @@
 //! Committing checkpoints to shared storage.
 //!
-//! Ranks write into a staging directory (`.staging-*`) under the checkpoint root and report it.
-//! The commit writes `manifest.json` (every file with its size and SHA-256), renames the staging
+//! Ranks write into a staging directory (`.staging-*`) under the checkpoint root and report it
+//! with the size and SHA-256 of every file they wrote. The commit checks the directory against
+//! those reports (names and sizes: it reads no file, so a 7B checkpoint commits in
+//! milliseconds), writes `manifest.json` from them, renames the staging
 //! directory to `step-<N>` in one `rename(2)`, points `latest` at it, and applies retention.
 //! A directory without a manifest is never a checkpoint, so a crash at any point leaves either
 //! the old state or the new one, never a torn directory under a final name.
 
-use serde::Serialize;
-use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
+use ferrotune_data::manifest::{self, FileDigest, Manifest};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-pub const MANIFEST: &str = "manifest.json";
+pub use ferrotune_data::manifest::MANIFEST;
 pub const LATEST: &str = "latest";
 const STAGING_PREFIX: &str = ".staging-";
 const STEP_PREFIX: &str = "step-";
@@ -26,6 +27,10 @@ pub enum CheckpointError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("staged file {} {problem}; not committed", path.display())]
+    NotAsReported { path: PathBuf, problem: String },
+    #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
 }
 
 fn io<'a>(
@@ -37,21 +42,6 @@ fn io<'a>(
         path: path.to_path_buf(),
         source,
     }
-}
-
-#[derive(Debug, Serialize)]
-struct ManifestFile {
-    path: String,
-    bytes: u64,
-    sha256: String,
-}
-
-#[derive(Debug, Serialize)]
-struct Manifest {
-    format: &'static str,
-    step: u64,
-    is_final: bool,
-    files: Vec<ManifestFile>,
 }
 
 pub fn step_dir_name(step: u64) -> String {
@@ -77,13 +67,15 @@ pub fn remove_stale_staging(root: &Path) -> Result<usize, CheckpointError> {
     Ok(removed)
 }
 
-/// Commits `staging` as the checkpoint of `step` and keeps the newest `keep` checkpoints.
+/// Commits `staging` as the checkpoint of `step`, whose writer reported `files`, and keeps the
+/// newest `keep` checkpoints.
 pub fn commit(
     root: &Path,
     staging: &Path,
     step: u64,
     is_final: bool,
     keep: u32,
+    files: &[FileDigest],
 ) -> Result<PathBuf, CheckpointError> {
     let root = std::fs::canonicalize(root).map_err(io("resolve", root))?;
     let staging = std::fs::canonicalize(staging).map_err(io("resolve", staging))?;
@@ -94,11 +86,9 @@ pub fn commit(
         return Err(CheckpointError::OutsideRoot { staging, root });
     }
 
-    let mut files = Vec::new();
-    collect_files(&staging, &staging, &mut files)?;
-    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let files = check_reported(&staging, files)?;
     let manifest = Manifest {
-        format: "ferrotune-checkpoint/1",
+        format: manifest::FORMAT.into(),
         step,
         is_final,
         files,
@@ -123,6 +113,34 @@ pub fn commit(
 
     apply_retention(&root, keep, &final_dir)?;
     Ok(final_dir)
+}
+
+/// Takes a damaged checkpoint out of the committed ones, kept for inspection: `step-N` becomes
+/// `.damaged-step-N` (never resumed from, never counted by retention). Returns the new name.
+pub fn set_aside(dir: &Path) -> Result<PathBuf, CheckpointError> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let mut target = parent.join(format!(".damaged-{name}"));
+    let mut n = 1;
+    while target.exists() {
+        n += 1;
+        target = parent.join(format!(".damaged-{name}.{n}"));
+    }
+    std::fs::rename(dir, &target).map_err(io("set aside", dir))?;
+    sync_dir(parent)?;
+    // `latest` must not name it any more.
+    if let Some((step, _)) = committed(parent).pop() {
+        let latest_tmp = parent.join(format!("{LATEST}.tmp"));
+        write_synced(&latest_tmp, format!("{}\n", step_dir_name(step)).as_bytes())?;
+        std::fs::rename(&latest_tmp, parent.join(LATEST))
+            .map_err(io("update", &parent.join(LATEST)))?;
+    } else {
+        let _ = std::fs::remove_file(parent.join(LATEST));
+    }
+    Ok(target)
 }
 
 /// Committed checkpoints (with a manifest) under `root`, oldest first.
@@ -157,45 +175,41 @@ fn apply_retention(root: &Path, keep: u32, just_committed: &Path) -> Result<(), 
     Ok(())
 }
 
-fn collect_files(
-    base: &Path,
-    dir: &Path,
-    out: &mut Vec<ManifestFile>,
-) -> Result<(), CheckpointError> {
-    for entry in std::fs::read_dir(dir).map_err(io("list", dir))? {
-        let entry = entry.map_err(io("list", dir))?;
-        let path = entry.path();
-        if path.is_dir() {
-            collect_files(base, &path, out)?;
-        } else if path.file_name().is_some_and(|n| n != MANIFEST) {
-            let (bytes, sha256) = hash_file(&path)?;
-            let rel = path.strip_prefix(base).unwrap_or(&path);
-            out.push(ManifestFile {
-                path: rel.to_string_lossy().into_owned(),
-                bytes,
-                sha256,
-            });
+/// The reported files, sorted, once the staging directory holds exactly them at their sizes.
+fn check_reported(
+    staging: &Path,
+    reported: &[FileDigest],
+) -> Result<Vec<FileDigest>, CheckpointError> {
+    let mut files = reported.to_vec();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let on_disk = manifest::list_files(staging)?;
+    let mismatch = |path: &Path, problem: String| CheckpointError::NotAsReported {
+        path: path.to_path_buf(),
+        problem,
+    };
+    for (rel, path) in &on_disk {
+        let Ok(i) = files.binary_search_by(|f| f.path.as_str().cmp(rel)) else {
+            return Err(mismatch(path, "was not reported by its writer".into()));
+        };
+        let bytes = std::fs::metadata(path).map_err(io("inspect", path))?.len();
+        if bytes != files[i].bytes {
+            return Err(mismatch(
+                path,
+                format!("has {bytes} bytes, its writer reported {}", files[i].bytes),
+            ));
         }
     }
-    Ok(())
-}
-
-fn hash_file(path: &Path) -> Result<(u64, String), CheckpointError> {
-    let mut file = std::fs::File::open(path).map_err(io("open", path))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = file.read(&mut buf).map_err(io("read", path))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
+    if let Some(missing) = files.iter().find(|f| {
+        on_disk
+            .binary_search_by(|(rel, _)| rel.as_str().cmp(&f.path))
+            .is_err()
+    }) {
+        return Err(mismatch(
+            &staging.join(&missing.path),
+            "was reported but is not there".into(),
+        ));
     }
-    let digest = hasher.finalize();
-    let hex = digest.iter().map(|b| format!("{b:02x}")).collect();
-    Ok((total, hex))
+    Ok(files)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
@@ -222,11 +236,67 @@ mod tests {
         dir
     }
 
+    /// What the writing rank reports: the digests of what it wrote.
+    fn report(dir: &Path) -> Vec<FileDigest> {
+        manifest::digest_tree(dir).unwrap()
+    }
+
+    /// Bytes this process has read through read(2) and friends (page cache hits included).
+    fn rchar() -> u64 {
+        let io = std::fs::read_to_string("/proc/self/io").unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("rchar: "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_commit_reads_no_file_and_refuses_what_was_not_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let staging = stage(tmp.path(), "big", "w");
+        std::fs::write(staging.join("model.safetensors"), vec![7u8; 32 << 20]).unwrap();
+        let files = report(&staging);
+        let before = rchar();
+        let dir = commit(tmp.path(), &staging, 3, false, 2, &files).unwrap();
+        let read = rchar() - before;
+        assert!(
+            read < 1 << 20,
+            "the commit read {read} bytes of a 32 MiB checkpoint"
+        );
+        Manifest::read(&dir).unwrap().verify(&dir).unwrap();
+
+        // A file the writer did not report, one of another size, one that is missing.
+        let extra = stage(tmp.path(), "extra", "w");
+        let files = report(&extra);
+        std::fs::write(extra.join("stray.bin"), "?").unwrap();
+        let err = commit(tmp.path(), &extra, 4, false, 2, &files).unwrap_err();
+        assert!(
+            err.to_string().contains("stray.bin") && err.to_string().contains("not reported"),
+            "{err}"
+        );
+        std::fs::remove_file(extra.join("stray.bin")).unwrap();
+        std::fs::write(extra.join("model.safetensors"), "longer").unwrap();
+        let err = commit(tmp.path(), &extra, 4, false, 2, &files).unwrap_err();
+        assert!(
+            err.to_string().contains("6 bytes, its writer reported 1"),
+            "{err}"
+        );
+        std::fs::remove_file(extra.join("model.safetensors")).unwrap();
+        let err = commit(tmp.path(), &extra, 4, false, 2, &files).unwrap_err();
+        assert!(err.to_string().contains("is not there"), "{err}");
+        assert!(
+            extra.exists(),
+            "a refused commit leaves the staging directory alone"
+        );
+    }
+
     #[test]
     fn commit_writes_manifest_renames_and_points_latest() {
         let tmp = tempfile::tempdir().unwrap();
         let staging = stage(tmp.path(), "a", "weights");
-        let dir = commit(tmp.path(), &staging, 7, false, 2).unwrap();
+        let dir = commit(tmp.path(), &staging, 7, false, 2, &report(&staging)).unwrap();
         assert_eq!(dir.file_name().unwrap(), "step-00000007");
         assert!(!staging.exists());
         let manifest: serde_json::Value =
@@ -252,7 +322,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         for step in [1u64, 2, 3] {
             let s = stage(tmp.path(), &step.to_string(), "w");
-            commit(tmp.path(), &s, step, false, 2).unwrap();
+            commit(tmp.path(), &s, step, false, 2, &report(&s)).unwrap();
         }
         // A directory that looks like a checkpoint but has no manifest is not one.
         std::fs::create_dir_all(tmp.path().join("step-00000009")).unwrap();
@@ -265,7 +335,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let elsewhere = tempfile::tempdir().unwrap();
         let staging = stage(elsewhere.path(), "x", "w");
-        let err = commit(root.path(), &staging, 1, false, 1).unwrap_err();
+        let err = commit(root.path(), &staging, 1, false, 1, &report(&staging)).unwrap_err();
         assert!(matches!(err, CheckpointError::OutsideRoot { .. }), "{err}");
         assert!(
             staging.exists(),

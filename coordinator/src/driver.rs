@@ -40,6 +40,8 @@ pub enum DriverError {
 
 pub struct JobReport {
     pub outcome: Outcome,
+    /// A worker found this file of the resumed checkpoint damaged.
+    pub damaged_file: Option<String>,
     pub eval_before: Option<f64>,
     pub eval_after: Option<f64>,
 }
@@ -133,6 +135,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
     }
 
     let mut pending: HashMap<String, oneshot::Sender<Reply>> = HashMap::new();
+    let mut damaged_file = None;
     let (commits_tx, mut commits) = mpsc::unbounded_channel::<CommitDone>();
     let mut tick = tokio::time::interval(TICK);
     let mut sigterm =
@@ -177,6 +180,13 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         };
         let is_registering = |id: &str| registering.as_ref().is_some_and(|(r, _)| r == id);
         let is_heartbeat = matches!(event, Event::Heartbeat { .. });
+        if let Event::Finished {
+            damaged_file: Some(file),
+            ..
+        } = &event
+        {
+            damaged_file = Some(file.clone());
+        }
         let mut queue: Vec<Action> = job.handle(event, Instant::now());
         let mut finished = None;
         while !queue.is_empty() {
@@ -221,10 +231,11 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                         step,
                         staging_dir,
                         is_final,
+                        files,
                     } => {
-                        // Hashing a 7B checkpoint takes minutes: off the event loop, so that
-                        // heartbeats keep being counted meanwhile. The writer's call is answered
-                        // when the commit is done.
+                        // File IO on shared storage (sizes, manifest, renames, retention): off
+                        // the event loop, so that heartbeats keep being counted meanwhile. The
+                        // writer's call is answered when the commit is done.
                         let root = config.checkpoint_dir.clone();
                         let keep = config.checkpoint_keep;
                         let staging = PathBuf::from(&staging_dir);
@@ -235,7 +246,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                             let result = tokio::task::spawn_blocking(move || {
                                 // A coordinator whose directory was taken over commits nothing.
                                 lease.check().map_err(|e| e.to_string())?;
-                                checkpoint::commit(&root, &staging, step, is_final, keep)
+                                checkpoint::commit(&root, &staging, step, is_final, keep, &files)
                                     .map_err(|e| e.to_string())
                             })
                             .await
@@ -306,7 +317,9 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         .await;
     }
     renewal.abort();
-    let _ = tokio::task::spawn_blocking(move || lease.release()).await;
+    let _ = renewal.await;
+    // The last reference (commits are all answered by now): dropping it releases the lease.
+    let _ = tokio::task::spawn_blocking(move || drop(lease)).await;
     let _ = shutdown_tx.send(());
     // A graceful shutdown waits for every connection to close, and one to a host whose link is
     // gone never does: give it a moment, then drop the server.
@@ -316,6 +329,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
     }
     Ok(JobReport {
         outcome,
+        damaged_file,
         eval_before: progress.eval_before,
         eval_after: progress.eval_after,
     })

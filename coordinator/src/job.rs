@@ -5,6 +5,7 @@
 //! liveness and failure unit-testable, and leaves room for generations and restarts.
 
 use crate::natural::natural_cmp;
+use ferrotune_data::manifest::FileDigest;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -82,6 +83,7 @@ pub enum Event {
         step: u64,
         staging_dir: String,
         is_final: bool,
+        files: Vec<FileDigest>,
     },
     CheckpointCommitted {
         step: u64,
@@ -96,6 +98,9 @@ pub enum Event {
         rank: u32,
         ok: bool,
         error: String,
+        /// A file of the resumed checkpoint that did not match its manifest (the driver sets
+        /// that checkpoint aside).
+        damaged_file: Option<String>,
     },
     /// A worker process ended (reported by the launcher).
     WorkerExited {
@@ -134,6 +139,7 @@ pub enum Action {
         step: u64,
         staging_dir: String,
         is_final: bool,
+        files: Vec<FileDigest>,
     },
     /// Stop all workers (failure or interruption) and wait until every process is gone.
     StopWorkers {
@@ -276,6 +282,7 @@ impl Job {
                 step,
                 staging_dir,
                 is_final,
+                files,
             } => {
                 self.touch(rank, now);
                 // Data parallel: rank 0 holds the full state and is the only writer. With sharded
@@ -285,6 +292,7 @@ impl Job {
                         step,
                         staging_dir,
                         is_final,
+                        files,
                     }]
                 } else {
                     Vec::new()
@@ -299,7 +307,9 @@ impl Job {
             Event::CheckpointFailed { step, reason } => self.fail(format!(
                 "checkpoint of step {step} could not be committed: {reason}"
             )),
-            Event::Finished { rank, ok, error } => {
+            Event::Finished {
+                rank, ok, error, ..
+            } => {
                 if let Some(m) = self.member_by_rank_mut(rank) {
                     m.finished = ok;
                     m.reported_failure = !ok;

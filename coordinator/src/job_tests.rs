@@ -90,7 +90,8 @@ fn job_succeeds_when_every_rank_finished_and_exited() {
                 Event::Finished {
                     rank,
                     ok: true,
-                    error: String::new()
+                    error: String::new(),
+                    damaged_file: None,
                 },
                 t0
             )
@@ -128,6 +129,7 @@ fn killed_worker_is_blamed_over_the_neighbour_that_lost_it() {
             rank: 0,
             ok: false,
             error: "lost the connection to rank 1".into(),
+            damaged_file: None,
         },
         t0,
     );
@@ -246,6 +248,11 @@ fn only_rank_zero_staging_is_committed_and_interrupt_stops() {
         step: 4,
         staging_dir: "/c/.staging-x".into(),
         is_final: false,
+        files: vec![ferrotune_data::manifest::FileDigest {
+            path: "model.safetensors".into(),
+            bytes: 7,
+            sha256: "ab".into(),
+        }],
     };
     assert!(job.handle(ready(1), t0).is_empty());
     assert_eq!(
@@ -253,7 +260,12 @@ fn only_rank_zero_staging_is_committed_and_interrupt_stops() {
         vec![Action::Commit {
             step: 4,
             staging_dir: "/c/.staging-x".into(),
-            is_final: false
+            is_final: false,
+            files: vec![ferrotune_data::manifest::FileDigest {
+                path: "model.safetensors".into(),
+                bytes: 7,
+                sha256: "ab".into(),
+            }],
         }]
     );
     let a = job.handle(Event::Interrupted, t0);
@@ -308,6 +320,7 @@ fn without_exit_reports_finishing_ranks_decide_success() {
         rank,
         ok: true,
         error: String::new(),
+        damaged_file: None,
     };
     assert!(job.handle(finish(0), t0).is_empty());
     assert!(matches!(
@@ -326,6 +339,7 @@ fn a_reported_failure_names_rank_worker_and_host() {
         rank: 1,
         ok: false,
         error: "host node-b cannot read data.train /x".into(),
+        damaged_file: None,
     };
     assert!(job.handle(failed, t0).is_empty(), "reports gather first");
     let later = t0 + Duration::from_secs(2);
@@ -366,6 +380,7 @@ fn live_ranks_leave_out_the_finished_the_failed_and_the_silent() {
             rank: 0,
             ok: true,
             error: String::new(),
+            damaged_file: None,
         },
         t0,
     );
@@ -374,6 +389,7 @@ fn live_ranks_leave_out_the_finished_the_failed_and_the_silent() {
             rank: 1,
             ok: false,
             error: "boom".into(),
+            damaged_file: None,
         },
         t0,
     );

@@ -329,6 +329,14 @@ impl Lease {
     }
 }
 
+/// A launch refused after taking the lease (bad data, a resume that cannot continue) and a job
+/// that ended both give the directory up.
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LeaseError + 'a {
     move |source| LeaseError::Io {
         action,
@@ -422,7 +430,7 @@ mod tests {
             ..owner("live", now)
         };
         second.release();
-        Lease::acquire_as(tmp.path(), elsewhere, Duration::from_secs(30), now).unwrap();
+        let _held = Lease::acquire_as(tmp.path(), elsewhere, Duration::from_secs(30), now).unwrap();
         let err = Lease::acquire_as(tmp.path(), owner("late", now), Duration::from_secs(30), now)
             .unwrap_err();
         assert!(matches!(err, LeaseError::Held { .. }), "{err}");

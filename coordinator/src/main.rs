@@ -206,6 +206,7 @@ fn launch(config: config::JobConfig, startup: driver::Startup) -> anyhow::Result
     // The driver runs on this (main) thread: workers' parent-death signal is tied to the thread
     // that forked them, and this one lives as long as the job.
     let (source, checkpoints) = (config.source.clone(), config.checkpoint_dir.clone());
+    let resumed_from = config.resume.as_ref().map(|r| r.dir.clone());
     // After a failure or an interrupt: how to go on from the newest committed checkpoint.
     let resume_hint = || {
         if let Some((step, _)) = checkpoint::committed(&checkpoints).pop() {
@@ -233,6 +234,17 @@ fn launch(config: config::JobConfig, startup: driver::Startup) -> anyhow::Result
         }
         Outcome::Failed { reason } => {
             eprintln!("error: job failed: {reason}");
+            if let (Some(file), Some(dir)) = (&report.damaged_file, &resumed_from) {
+                // Never resumed from again: the next --resume takes the checkpoint before it.
+                match checkpoint::set_aside(dir) {
+                    Ok(to) => eprintln!(
+                        "warning: {file} does not match its checkpoint's manifest; {} is set aside as {}",
+                        dir.display(),
+                        to.display()
+                    ),
+                    Err(e) => eprintln!("warning: could not set {} aside: {e}", dir.display()),
+                }
+            }
             resume_hint();
             ExitCode::from(EXIT_FAILED)
         }

@@ -36,11 +36,37 @@ struct SavedCursor {
     tasks: Vec<serde_json::Value>,
 }
 
+/// The newest committed checkpoint whose files are all there at their manifest's sizes (a
+/// cheap check: no file is read; the workers verify the hashes as they load). A damaged one is
+/// set aside with a warning naming the file, and the one before it is taken.
+fn newest_intact(root: &Path) -> Option<PathBuf> {
+    while let Some((_, dir)) = checkpoint::committed(root).pop() {
+        let damage = ferrotune_data::manifest::Manifest::read(&dir)
+            .and_then(|m| m.check_sizes(&dir))
+            .err();
+        let Some(e) = damage else {
+            return Some(dir);
+        };
+        match checkpoint::set_aside(&dir) {
+            Ok(to) => eprintln!(
+                "warning: {e}\n  {} is set aside as {}; resuming from the checkpoint before it",
+                dir.display(),
+                to.display()
+            ),
+            Err(err) => {
+                eprintln!("warning: {e}; and it could not be set aside: {err}");
+                return None;
+            }
+        }
+    }
+    None
+}
+
 /// Resolves `requested` (a checkpoint directory, or [`LATEST`]) against `config`.
 pub fn choose(config: &JobConfig, requested: &str) -> Result<Resume, String> {
     let dir = if requested == LATEST {
-        match checkpoint::committed(&config.checkpoint_dir).pop() {
-            Some((_, dir)) => dir,
+        match newest_intact(&config.checkpoint_dir) {
+            Some(dir) => dir,
             None => {
                 return Err(format!(
                     "--resume: no committed checkpoint under {} (a step-N directory with {}); start without --resume, or name a checkpoint directory",

@@ -3,6 +3,7 @@
 
 use crate::config::{JobConfig, ModelInit};
 use crate::job::{Assignment, EvalMetrics, Event, StepMetrics, TaskEval, WorkerInfo};
+use ferrotune_data::manifest::FileDigest;
 use ferrotune_proto::v1 as pb;
 use ferrotune_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use tokio::sync::{mpsc, oneshot};
@@ -269,6 +270,15 @@ impl Coordinator for Service {
             step: r.step,
             staging_dir: r.staging_dir,
             is_final: r.is_final,
+            files: r
+                .files
+                .into_iter()
+                .map(|f| FileDigest {
+                    path: f.path,
+                    bytes: f.bytes,
+                    sha256: f.sha256,
+                })
+                .collect(),
         };
         match self.send(event).await? {
             Reply::Committed(Ok(path)) => Ok(Response::new(pb::CheckpointCommitted { path })),
@@ -291,6 +301,7 @@ impl Coordinator for Service {
             rank: r.rank,
             ok: r.ok,
             error: r.error,
+            damaged_file: (!r.damaged_file.is_empty()).then_some(r.damaged_file),
         })
         .await
     }
@@ -406,6 +417,7 @@ mod tests {
             step: 7,
             staging_dir: "/tmp/nowhere".into(),
             is_final: false,
+            files: Vec::new(),
         };
         let err = client
             .commit_checkpoint(with_token(ready))

@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod chat;
 pub mod encode;
+pub mod manifest;
 pub mod mixture;
 pub mod pack;
 pub mod prepare;

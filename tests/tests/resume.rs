@@ -223,3 +223,73 @@ fn resumes_that_cannot_continue_exactly_are_refused_before_starting() {
     );
     assert!(root.join("step-00000040/manifest.json").is_file());
 }
+
+/// Flips the last byte of `file` (its size stays: only a hash can tell).
+fn flip_last_byte(file: &Path) {
+    let mut bytes = std::fs::read(file).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(file, bytes).unwrap();
+}
+
+#[test]
+fn a_damaged_checkpoint_is_never_trained_on_and_the_one_before_it_is_resumed() {
+    let _serial = serial();
+    let every = |config: &Path| {
+        let text = std::fs::read_to_string(config).unwrap();
+        std::fs::write(config, text.replace("every_steps: 20", "every_steps: 15")).unwrap();
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight_config = job(straight_dir.path(), None);
+    every(&straight_config);
+    run_to_end(Launch::start(&straight_config));
+    let final_name = format!("step-{STEPS:08}");
+    let reference = state_files(&checkpoints(straight_dir.path()).join(&final_name));
+
+    // Checkpoints at 15, 30 and 45; killed before the end.
+    let dir = tempfile::tempdir().unwrap();
+    let config = job(dir.path(), None);
+    every(&config);
+    let root = checkpoints(dir.path());
+    let mut first = Launch::start(&config);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !root.join("step-00000045/manifest.json").is_file() {
+        assert!(Instant::now() < deadline, "no checkpoint at step 45");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    wait_no_tagged(&first.tag, Duration::from_secs(30));
+    assert!(!root.join(&final_name).exists(), "killed before the end");
+
+    // One byte of the newest checkpoint's weights: the workers' hash check refuses it, naming
+    // the file, and the coordinator sets the checkpoint aside.
+    flip_last_byte(&root.join("step-00000045/model.safetensors"));
+    let mut damaged = Launch::start_with(&config, &["--resume"]);
+    let status = damaged.wait(Duration::from_secs(120));
+    let err = damaged.stderr_text();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("step-00000045/model.safetensors is damaged") && err.contains("SHA-256"),
+        "{err}"
+    );
+    assert!(err.contains("is set aside as"), "{err}");
+    assert!(root.join(".damaged-step-00000045").is_dir());
+    assert!(err.contains("to continue from step 30"), "{err}");
+
+    // A truncated file in the next one: found by size before any worker starts, set aside with
+    // a warning, and the job goes on from step 15 to the same end as the straight run.
+    let optimizer = root.join("step-00000030/training_state/optimizer.safetensors");
+    let bytes = std::fs::read(&optimizer).unwrap();
+    std::fs::write(&optimizer, &bytes[..bytes.len() / 2]).unwrap();
+    let (out, err) = run_to_end(Launch::start_with(&config, &["--resume"]));
+    assert!(
+        err.contains("optimizer.safetensors is damaged") && err.contains("is set aside as"),
+        "{err}"
+    );
+    assert!(out.contains("(step 15/60)"), "{out}");
+    let got = state_files(&root.join(&final_name));
+    assert!(
+        got == reference,
+        "the job resumed from step 15 differs from the uninterrupted run"
+    );
+}

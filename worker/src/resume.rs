@@ -8,9 +8,32 @@ use crate::model::io::LoadedModel;
 use crate::model::DType;
 use crate::optim::AdamW;
 use crate::train::TrainError;
+use ferrotune_data::manifest::Manifest;
 use std::collections::HashMap;
 use std::path::Path;
 use tch::Tensor;
+
+/// Checks every file of the checkpoint against its manifest (size and SHA-256, files hashed in
+/// parallel) before anything is loaded from it: a damaged checkpoint is refused naming the file,
+/// never trained on. The reads also bring the files into the page cache the loader reads next.
+pub fn verify(dir: &Path) -> Result<(), TrainError> {
+    let started = std::time::Instant::now();
+    let manifest =
+        Manifest::read(dir).map_err(|e| TrainError::Checkpoint(format!("resume: {e}")))?;
+    manifest
+        .verify(dir)
+        .map_err(|e| TrainError::DamagedCheckpoint {
+            file: e.path().to_path_buf(),
+            message: format!("resume: {e}"),
+        })?;
+    tracing::info!(
+        checkpoint = %dir.display(),
+        files = manifest.files.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "checkpoint verified against its manifest"
+    );
+    Ok(())
+}
 
 fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, TrainError> {
     Tensor::read_safetensors(path)

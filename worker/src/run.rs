@@ -169,8 +169,23 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
     // The coordinator hears every step and eval report before the outcome.
     reporter.flush();
     let error = outcome.as_ref().err().map(|e| format!("{e:#}"));
-    let finished =
-        runtime.block_on(agent.finish(placement.rank, placement.generation, error, FINISH_LIMIT));
+    let damaged_file =
+        outcome
+            .as_ref()
+            .err()
+            .and_then(|e| match e.downcast_ref::<train::TrainError>() {
+                Some(train::TrainError::DamagedCheckpoint { file, .. }) => {
+                    Some(file.to_string_lossy().into_owned())
+                }
+                _ => None,
+            });
+    let finished = runtime.block_on(agent.finish(
+        placement.rank,
+        placement.generation,
+        error,
+        damaged_file,
+        FINISH_LIMIT,
+    ));
     if let Err(e) = finished {
         tracing::warn!("could not report the outcome to the coordinator: {e}");
     }

@@ -15,6 +15,7 @@ use crate::optim::{lr_at, scale_and_clip, AdamW, AdamWConfig};
 use crate::precision::{ComputeCopy, Precision};
 use crate::resume;
 use crate::spec::{Placement, TrainSpec};
+use ferrotune_data::manifest::{digest_tree, FileDigest};
 use ferrotune_data::mixture::{rank_slice, Mixture};
 use ferrotune_data::Tokenizer;
 use std::path::{Path, PathBuf};
@@ -54,11 +55,13 @@ pub struct EvalResult {
 pub trait Reporter {
     fn step(&self, stats: &StepStats);
     fn eval(&self, phase: &str, step: u64, result: &EvalResult);
-    /// Hands a staged checkpoint over for commit; returns the committed path.
+    /// Hands a staged checkpoint over for commit, with the size and SHA-256 of every file in
+    /// it; returns the committed path.
     fn commit_checkpoint(
         &self,
         step: u64,
         staging: &Path,
+        files: &[FileDigest],
         is_final: bool,
     ) -> Result<PathBuf, String>;
     /// Some(reason) when the loop must stop (the coordinator said so, or is gone).
@@ -77,6 +80,9 @@ pub enum TrainError {
     Collective(#[from] CollectiveError),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// A file of the checkpoint to resume from does not match its manifest.
+    #[error("checkpoint: {message}")]
+    DamagedCheckpoint { file: PathBuf, message: String },
     #[error("stopped: {0}")]
     Aborted(String),
 }
@@ -198,7 +204,10 @@ pub fn run(
     tch::manual_seed(spec.seed as i64);
     // A resumed job loads the checkpoint, a Hugging Face model directory like any other.
     let model = match &spec.resume_from {
-        Some(dir) => LoadedModel::load(dir, false, device)?,
+        Some(dir) => {
+            resume::verify(dir)?;
+            LoadedModel::load(dir, false, device)?
+        }
         None => LoadedModel::load(&spec.model_path, spec.random_init, device)?,
     };
     check_same_start(&model, collective)?;
@@ -463,7 +472,10 @@ fn save(
         },
     )
     .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    // The writer digests what it wrote (while it is in the page cache): the coordinator then
+    // commits without reading a byte of it, and every later load can verify it.
+    let files = digest_tree(&staging).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
     reporter
-        .commit_checkpoint(step, &staging, is_final)
+        .commit_checkpoint(step, &staging, &files, is_final)
         .map_err(TrainError::Checkpoint)
 }

@@ -160,6 +160,7 @@ impl Agent {
         rank: usize,
         generation: u64,
         error: Option<String>,
+        damaged_file: Option<String>,
         limit: Duration,
     ) -> Result<(), AgentError> {
         let request = pb::FinishRequest {
@@ -167,6 +168,7 @@ impl Agent {
             generation,
             ok: error.is_none(),
             error: error.unwrap_or_default(),
+            damaged_file: damaged_file.unwrap_or_default(),
         };
         match tokio::time::timeout(limit, self.client.clone().finish(request)).await {
             Ok(answer) => answer.map(drop).map_err(AgentError::from),

@@ -8,6 +8,7 @@
 use super::Agent;
 use crate::spec::Placement;
 use crate::train::{EvalResult, Reporter, StepStats};
+use ferrotune_data::manifest::FileDigest;
 use ferrotune_proto::v1 as pb;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -136,6 +137,7 @@ impl Reporter for GrpcReporter {
         &self,
         step: u64,
         staging: &Path,
+        files: &[FileDigest],
         is_final: bool,
     ) -> Result<PathBuf, String> {
         self.flush();
@@ -145,6 +147,14 @@ impl Reporter for GrpcReporter {
             step,
             staging_dir: staging.to_string_lossy().into_owned(),
             is_final,
+            files: files
+                .iter()
+                .map(|f| pb::StagedFile {
+                    path: f.path.clone(),
+                    bytes: f.bytes,
+                    sha256: f.sha256.clone(),
+                })
+                .collect(),
         };
         let committed = self
             .runtime
