@@ -4,7 +4,7 @@
 
 use crate::checkpoint;
 use crate::config::JobConfig;
-use serde::Deserialize;
+use ferrotune_data::trainer_state::TrainerState;
 use std::path::{Path, PathBuf};
 
 /// `--resume` without a value: the newest committed checkpoint under `checkpoint.dir`.
@@ -17,23 +17,6 @@ pub struct Resume {
     pub step: u64,
     /// The training caches the checkpoint was trained on (empty in older checkpoints).
     pub datasets: Vec<String>,
-}
-
-/// The parts of training_state/trainer_state.json that decide whether a run continues exactly.
-#[derive(Debug, Deserialize)]
-struct Saved {
-    step: u64,
-    seed: u64,
-    seq_len: u64,
-    global_batch_sequences: u64,
-    data_cursor: SavedCursor,
-    #[serde(default)]
-    datasets: Vec<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct SavedCursor {
-    tasks: Vec<serde_json::Value>,
 }
 
 /// The newest committed checkpoint whose files are all there at their manifest's sizes (a
@@ -85,16 +68,8 @@ pub fn choose(config: &JobConfig, requested: &str) -> Result<Resume, String> {
             checkpoint::MANIFEST
         ));
     }
-    let state_path = dir.join("training_state/trainer_state.json");
-    let saved: Saved = std::fs::read_to_string(&state_path)
-        .map_err(|e| e.to_string())
-        .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
-        .map_err(|e| {
-            format!(
-                "--resume: cannot read {}: {e}; that checkpoint cannot be continued",
-                state_path.display()
-            )
-        })?;
+    let saved = TrainerState::read(&dir)
+        .map_err(|e| format!("--resume: cannot read {e}; that checkpoint cannot be continued"))?;
     check(config, &dir, &saved)?;
     Ok(Resume {
         dir,
@@ -115,7 +90,7 @@ pub fn changed_datasets(resume: &Resume, train_caches: &[String]) -> Vec<usize> 
         .collect()
 }
 
-fn check(config: &JobConfig, dir: &Path, saved: &Saved) -> Result<(), String> {
+fn check(config: &JobConfig, dir: &Path, saved: &TrainerState) -> Result<(), String> {
     let global_batch = u64::from(config.cluster.world_size)
         * u64::from(config.micro_batch_size)
         * u64::from(config.grad_accum_steps);
@@ -133,14 +108,14 @@ fn check(config: &JobConfig, dir: &Path, saved: &Saved) -> Result<(), String> {
             saved.seed.to_string(),
         ));
     }
-    if u64::from(config.data.seq_len) != saved.seq_len {
+    if config.data.seq_len as usize != saved.seq_len {
         return Err(differs(
             "data.seq_len",
             config.data.seq_len.to_string(),
             saved.seq_len.to_string(),
         ));
     }
-    if global_batch != saved.global_batch_sequences {
+    if global_batch != saved.global_batch_sequences as u64 {
         return Err(differs(
             "cluster.world_size × training.micro_batch_size × training.grad_accum_steps",
             format!("{global_batch} sequences per step"),

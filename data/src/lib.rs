@@ -13,6 +13,7 @@ pub mod prepare;
 pub mod record;
 pub mod source;
 pub mod tokenizer;
+pub mod trainer_state;
 
 pub use tokenizer::{SpecialTokens, Tokenizer};
 

@@ -11,34 +11,12 @@
 use crate::model::io::{LoadedModel, SaveOptions};
 use crate::model::DType;
 use crate::optim::AdamW;
-use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
-pub const TRAINING_STATE: &str = "training_state";
+pub use ferrotune_data::trainer_state::{TrainerState, STATE_FILE, TRAINING_STATE};
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-pub const STATE_FILE: &str = "trainer_state.json";
 pub const MASTERS_FILE: &str = "master_weights.safetensors";
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct TrainerState {
-    pub step: u64,
-    /// Where the data stream stands after `step`: resuming restores it in O(1).
-    pub data_cursor: ferrotune_data::mixture::Cursor,
-    pub seed: u64,
-    pub world_size: usize,
-    pub global_batch_sequences: usize,
-    pub seq_len: usize,
-    pub optimizer_steps: u64,
-    pub lr: f64,
-    pub min_lr: f64,
-    pub warmup_steps: u64,
-    pub total_steps: u64,
-    /// Each dataset's training cache (`<name>-train-<key>`, the key hashing bytes and recipe): a
-    /// resume can tell whether it reads the same data.
-    #[serde(default)]
-    pub datasets: Vec<String>,
-}
 
 /// What a checkpoint holds besides the model: training state, and the chat template the job
 /// used (recorded in tokenizer_config.json when it is not the model's own).

@@ -3,7 +3,7 @@
 //! "resume is exact" needs: fp32 master weights when the model files are narrower, AdamW moments
 //! and step count, the step, and the data cursor (the mixture skips to it in O(1)).
 
-use crate::checkpoint::{TrainerState, MASTERS_FILE, OPTIMIZER_FILE, STATE_FILE, TRAINING_STATE};
+use crate::checkpoint::{TrainerState, MASTERS_FILE, OPTIMIZER_FILE, TRAINING_STATE};
 use crate::model::io::LoadedModel;
 use crate::model::DType;
 use crate::optim::AdamW;
@@ -49,11 +49,8 @@ pub fn restore(
     optimizer: &mut AdamW,
 ) -> Result<TrainerState, TrainError> {
     let state_dir = dir.join(TRAINING_STATE);
-    let state_path = state_dir.join(STATE_FILE);
-    let state: TrainerState = std::fs::read_to_string(&state_path)
-        .map_err(|e| e.to_string())
-        .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
-        .map_err(|e| TrainError::Checkpoint(format!("resume: {}: {e}", state_path.display())))?;
+    let state =
+        TrainerState::read(dir).map_err(|e| TrainError::Checkpoint(format!("resume: {e}")))?;
 
     let masters = state_dir.join(MASTERS_FILE);
     if masters.is_file() {

@@ -46,33 +46,64 @@ fn rank_tensors(rank: usize) -> Vec<Tensor> {
         .collect()
 }
 
-fn check_world(world: usize) {
-    // 1 KiB buckets: 256 floats, so the (64, 33) and 1001-element tensors overflow a bucket.
-    let opts = options(Duration::from_secs(20), 1024);
+/// Runs `per_rank` on its own thread for every rank of a fresh ring, each with its own input
+/// (tensors are not shared between threads); results in rank order.
+fn on_ring<I: Send, T: Send>(
+    opts: &RingOptions,
+    inputs: Vec<I>,
+    per_rank: impl Fn(usize, Ring, I) -> T + Sync,
+) -> Vec<T> {
+    let world = inputs.len();
     let (ls, addrs) = listeners(world);
-    // Made here, not in the threads: libtorch's RNG is process-global.
-    let inputs: Vec<Vec<Tensor>> = (0..world).map(rank_tensors).collect();
-    let results: Vec<Vec<Tensor>> = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let handles: Vec<_> = ls
             .into_iter()
+            .zip(inputs)
             .enumerate()
-            .map(|(rank, l)| {
-                let addrs = addrs.clone();
-                let opts = opts.clone();
-                let mut ts: Vec<Tensor> = inputs[rank].iter().map(|t| t.copy()).collect();
+            .map(|(rank, (l, input))| {
+                let (addrs, per_rank) = (&addrs, &per_rank);
                 s.spawn(move || {
                     let next = &addrs[(rank + 1) % world];
-                    let mut ring = Ring::connect(l, rank, world, next, &opts).unwrap();
-                    ring.all_reduce(&mut ts, ReduceOp::Mean).unwrap();
-                    let mut scalars = [rank as f64, 1.0];
-                    ring.all_reduce_scalars(&mut scalars, ReduceOp::Sum)
-                        .unwrap();
-                    assert_eq!(scalars, [(0..world).sum::<usize>() as f64, world as f64]);
-                    ts
+                    let ring = Ring::connect(l, rank, world, next, opts).unwrap();
+                    per_rank(rank, ring, input)
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Every rank's result is within `tolerance` of `expected` and bitwise equal to rank 0's.
+fn assert_close_and_identical(results: &[&Tensor], expected: &Tensor, tolerance: f64, what: &str) {
+    for (rank, result) in results.iter().enumerate() {
+        let diff = (result.to_kind(Kind::Double) - expected.to_kind(Kind::Double))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff <= tolerance, "{what}, rank {rank}: max diff {diff}");
+        assert!(
+            result.equal(results[0]),
+            "{what}: rank {rank} differs from rank 0"
+        );
+    }
+}
+
+fn check_world(world: usize) {
+    // 1 KiB buckets: 256 floats, so the (64, 33) and 1001-element tensors overflow a bucket.
+    let opts = options(Duration::from_secs(20), 1024);
+    // Made here, not in the threads: libtorch's RNG is process-global.
+    let inputs: Vec<Vec<Tensor>> = (0..world).map(rank_tensors).collect();
+    let copies: Vec<Vec<Tensor>> = inputs
+        .iter()
+        .map(|r| r.iter().map(|t| t.copy()).collect())
+        .collect();
+    let results = on_ring(&opts, copies, |rank, mut ring, mut ts: Vec<Tensor>| {
+        ring.all_reduce(&mut ts, ReduceOp::Mean).unwrap();
+        let mut scalars = [rank as f64, 1.0];
+        ring.all_reduce_scalars(&mut scalars, ReduceOp::Sum)
+            .unwrap();
+        assert_eq!(scalars, [(0..world).sum::<usize>() as f64, world as f64]);
+        ts
     });
     for (i, shape) in shapes().iter().enumerate() {
         let stacked = Tensor::stack(
@@ -83,19 +114,9 @@ fn check_world(world: usize) {
             0,
         );
         let expected = stacked.mean_dim(0, false, Kind::Float);
-        for (rank, result) in results.iter().enumerate() {
-            assert_eq!(result[i].size(), *shape);
-            let diff = (&result[i] - &expected).abs().max().double_value(&[]);
-            assert!(
-                diff <= 1e-6,
-                "world {world}, tensor {i}, rank {rank}: max diff {diff}"
-            );
-            // Every rank ends with bitwise the same values.
-            assert!(
-                result[i].equal(&results[0][i]),
-                "rank {rank} differs from rank 0 on tensor {i}"
-            );
-        }
+        let got: Vec<&Tensor> = results.iter().map(|r| &r[i]).collect();
+        assert!(got.iter().all(|t| t.size() == *shape));
+        assert_close_and_identical(&got, &expected, 1e-6, &format!("world {world}, tensor {i}"));
     }
 }
 
@@ -216,7 +237,6 @@ fn check_flat_views(world: usize) {
     let n: i64 = 1_234_567;
     let rounds = 3;
     let opts = options(Duration::from_secs(20), 1 << 20);
-    let (ls, addrs) = listeners(world);
     let inputs: Vec<Vec<Tensor>> = (0..world)
         .map(|rank| {
             tch::manual_seed(500 + rank as i64);
@@ -225,34 +245,22 @@ fn check_flat_views(world: usize) {
                 .collect()
         })
         .collect();
-    let results: Vec<Vec<Tensor>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ls
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let addrs = addrs.clone();
-                let opts = opts.clone();
-                let mine: Vec<Tensor> = inputs[rank].iter().map(|t| t.copy()).collect();
-                s.spawn(move || {
-                    let next = &addrs[(rank + 1) % world];
-                    let mut ring = Ring::connect(l, rank, world, next, &opts).unwrap();
-                    let mut out = Vec::new();
-                    for flat in mine {
-                        let before = flat.data_ptr();
-                        let mut views = vec![
-                            flat.narrow(0, 0, 1000).view([10, 100]),
-                            flat.narrow(0, 1000, 7),
-                            flat.narrow(0, 1007, n - 1007),
-                        ];
-                        ring.all_reduce(&mut views, ReduceOp::Sum).unwrap();
-                        assert_eq!(flat.data_ptr(), before, "reduced in place");
-                        out.push(flat);
-                    }
-                    out
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let copies: Vec<Vec<Tensor>> = inputs
+        .iter()
+        .map(|r| r.iter().map(|t| t.copy()).collect())
+        .collect();
+    let results = on_ring(&opts, copies, |_, mut ring, mine: Vec<Tensor>| {
+        let mut out = Vec::new();
+        for flat in mine {
+            let mut views = vec![
+                flat.narrow(0, 0, 1000).view([10, 100]),
+                flat.narrow(0, 1000, 7),
+                flat.narrow(0, 1007, n - 1007),
+            ];
+            ring.all_reduce(&mut views, ReduceOp::Sum).unwrap();
+            out.push(flat);
+        }
+        out
     });
     for round in 0..rounds {
         let expected = inputs
@@ -260,20 +268,13 @@ fn check_flat_views(world: usize) {
             .map(|r| r[round].to_kind(Kind::Double))
             .reduce(|a, b| a + b)
             .unwrap();
-        for (rank, result) in results.iter().enumerate() {
-            let diff = (result[round].to_kind(Kind::Double) - &expected)
-                .abs()
-                .max()
-                .double_value(&[]);
-            assert!(
-                diff <= 1e-5,
-                "world {world}, round {round}, rank {rank}: max diff {diff}"
-            );
-            assert!(
-                result[round].equal(&results[0][round]),
-                "world {world}, round {round}: rank {rank} differs from rank 0"
-            );
-        }
+        let got: Vec<&Tensor> = results.iter().map(|r| &r[round]).collect();
+        assert_close_and_identical(
+            &got,
+            &expected,
+            1e-5,
+            &format!("world {world}, round {round}"),
+        );
     }
 }
 
