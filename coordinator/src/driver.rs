@@ -136,6 +136,8 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
 
     let mut pending: HashMap<String, oneshot::Sender<Reply>> = HashMap::new();
     let mut damaged_file = None;
+    // Per staged checkpoint: (training stall, write time) in seconds, until it is committed.
+    let mut timings: HashMap<u64, (f64, f64)> = HashMap::new();
     let (commits_tx, mut commits) = mpsc::unbounded_channel::<CommitDone>();
     let mut tick = tokio::time::interval(TICK);
     let mut sigterm =
@@ -150,7 +152,11 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
             Some(done) = commits.recv() => {
                 let CommitDone { step, is_final, result, writer } = done;
                 if let Ok(path) = &result {
-                    progress.message(format!("checkpoint step {step} committed: {}", path.display()));
+                    let timing = match timings.remove(&step) {
+                        Some((stall, write)) => format!(" (training held up {stall:.2} s; written in the background in {write:.2} s)"),
+                        None => String::new(),
+                    };
+                    progress.message(format!("checkpoint step {step} committed: {}{timing}", path.display()));
                 }
                 if let Some(w) = writer {
                     let answer = result.as_ref().map(|p| p.to_string_lossy().into_owned());
@@ -186,6 +192,9 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         } = &event
         {
             damaged_file = Some(file.clone());
+        }
+        if let Event::CheckpointReady { step, timing, .. } = &event {
+            timings.insert(*step, *timing);
         }
         let mut queue: Vec<Action> = job.handle(event, Instant::now());
         let mut finished = None;

@@ -84,6 +84,8 @@ pub enum Event {
         staging_dir: String,
         is_final: bool,
         files: Vec<FileDigest>,
+        /// Training stall and background write time (for the log; the job ignores them).
+        timing: (f64, f64),
     },
     CheckpointCommitted {
         step: u64,
@@ -283,6 +285,7 @@ impl Job {
                 staging_dir,
                 is_final,
                 files,
+                ..
             } => {
                 self.touch(rank, now);
                 // Data parallel: rank 0 holds the full state and is the only writer. With sharded

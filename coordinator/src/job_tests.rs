@@ -253,6 +253,7 @@ fn only_rank_zero_staging_is_committed_and_interrupt_stops() {
             bytes: 7,
             sha256: "ab".into(),
         }],
+        timing: (0.1, 2.0),
     };
     assert!(job.handle(ready(1), t0).is_empty());
     assert_eq!(

@@ -270,6 +270,7 @@ impl Coordinator for Service {
             step: r.step,
             staging_dir: r.staging_dir,
             is_final: r.is_final,
+            timing: (r.stall_seconds, r.write_seconds),
             files: r
                 .files
                 .into_iter()
@@ -418,6 +419,8 @@ mod tests {
             staging_dir: "/tmp/nowhere".into(),
             is_final: false,
             files: Vec::new(),
+            stall_seconds: 0.0,
+            write_seconds: 0.0,
         };
         let err = client
             .commit_checkpoint(with_token(ready))

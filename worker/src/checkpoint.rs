@@ -8,9 +8,10 @@
 //!   training_state/master_weights.safetensors           fp32 weights, when the model files are
 //!                                                       saved in a narrower dtype (exact resume)
 
-use crate::model::io::{LoadedModel, SaveOptions};
+use crate::model::io::{LoadedModel, ModelFiles, SaveOptions};
 use crate::model::DType;
 use crate::optim::AdamW;
+use ferrotune_data::manifest::{digest_tree, FileDigest};
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
@@ -18,12 +19,38 @@ pub use ferrotune_data::trainer_state::{TrainerState, STATE_FILE, TRAINING_STATE
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const MASTERS_FILE: &str = "master_weights.safetensors";
 
-/// What a checkpoint holds besides the model: training state, and the chat template the job
-/// used (recorded in tokenizer_config.json when it is not the model's own).
-pub struct TrainingState<'a> {
-    pub optimizer: &'a AdamW,
-    pub state: &'a TrainerState,
-    pub chat_template: Option<&'a str>,
+/// Everything a checkpoint writes, copied out of the training state at one step: the weights,
+/// the AdamW moments, the trainer state and the chat template the job used (recorded in
+/// tokenizer_config.json when it is not the model's own). The copy is what lets training go on
+/// while a background thread writes it.
+pub struct Snapshot {
+    pub model: ModelFiles,
+    pub optimizer: Vec<(String, Tensor)>,
+    pub state: TrainerState,
+    pub chat_template: Option<String>,
+}
+
+impl Snapshot {
+    pub fn take(
+        model: &LoadedModel,
+        optimizer: &AdamW,
+        state: TrainerState,
+        chat_template: Option<&str>,
+    ) -> Snapshot {
+        let optimizer = tch::no_grad(|| {
+            optimizer
+                .state_tensors()
+                .into_iter()
+                .map(|(name, t)| (name, t.copy()))
+                .collect()
+        });
+        Snapshot {
+            model: model.snapshot(),
+            optimizer,
+            state,
+            chat_template: chat_template.map(String::from),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +86,13 @@ fn write_tensors(path: &Path, tensors: Vec<(String, Tensor)>) -> Result<(), Chec
     sync_file(path)
 }
 
+fn shallow(tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect()
+}
+
 fn sync_file(path: &Path) -> Result<(), CheckpointError> {
     std::fs::File::open(path)
         .and_then(|f| f.sync_all())
@@ -87,12 +121,11 @@ fn record_chat_template(dir: &Path, template: &str) -> Result<(), CheckpointErro
 pub fn write_staging(
     root: &Path,
     rank: usize,
-    model: &LoadedModel,
+    snapshot: &Snapshot,
     model_src: &Path,
     save: &SaveOptions,
-    training: &TrainingState<'_>,
 ) -> Result<PathBuf, CheckpointError> {
-    let (optimizer, state) = (training.optimizer, training.state);
+    let (model, state) = (&snapshot.model, &snapshot.state);
     std::fs::create_dir_all(root).map_err(io("create", root))?;
     let staging = root.join(format!(
         ".staging-{:08}-r{rank}-{}",
@@ -111,21 +144,128 @@ pub fn write_staging(
     for file in &written {
         sync_file(file)?;
     }
-    if let Some(template) = training.chat_template {
+    if let Some(template) = &snapshot.chat_template {
         record_chat_template(&staging, template)?;
     }
 
     write_tensors(
         &training_state.join(OPTIMIZER_FILE),
-        optimizer.state_tensors(),
+        shallow(&snapshot.optimizer),
     )?;
     if save.dtype != DType::F32 {
         // The model files hold rounded weights; resuming from them would not be exact.
-        write_tensors(&training_state.join(MASTERS_FILE), model.named_parameters())?;
+        write_tensors(&training_state.join(MASTERS_FILE), shallow(&model.params))?;
     }
     let state_path = training_state.join(STATE_FILE);
     let json = serde_json::to_vec_pretty(state).expect("trainer state serialises");
     std::fs::write(&state_path, json).map_err(io("write", &state_path))?;
     sync_file(&state_path)?;
     Ok(staging)
+}
+
+/// A checkpoint written to its staging directory, ready to commit.
+#[derive(Debug)]
+pub struct Staged {
+    pub step: u64,
+    pub is_final: bool,
+    pub dir: PathBuf,
+    /// Size and SHA-256 of every file, for the manifest.
+    pub files: Vec<FileDigest>,
+    /// How long the training thread was held up for it (snapshot, and waiting for the write
+    /// before it).
+    pub stall_seconds: f64,
+    /// How long the background write took (files, syncs, digests).
+    pub write_seconds: f64,
+}
+
+/// One checkpoint to write in the background.
+pub struct WriteJob {
+    pub root: PathBuf,
+    pub rank: usize,
+    pub snapshot: Snapshot,
+    pub model_src: PathBuf,
+    pub save: SaveOptions,
+    pub is_final: bool,
+    pub stall_seconds: f64,
+}
+
+/// Tests make the write slow with this, to see training go on meanwhile.
+const TEST_DELAY_ENV: &str = "FERROTUNE_TEST_CHECKPOINT_DELAY_MS";
+
+/// Writes checkpoints on a background thread, one at a time: the training thread hands over a
+/// snapshot and goes on; the next checkpoint waits only if this one is still being written.
+/// Dropping the writer waits for the write in flight (a half-written staging directory is
+/// never a checkpoint, but a finished one is worth keeping for the commit).
+#[derive(Default)]
+pub struct Writer {
+    running: Option<std::thread::JoinHandle<Result<Staged, String>>>,
+}
+
+impl Writer {
+    /// Starts writing `job` (the caller has waited for the previous write).
+    pub fn start(&mut self, job: WriteJob) -> Result<(), String> {
+        assert!(self.running.is_none(), "wait for the previous write first");
+        let handle = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || write(job))
+            .map_err(|e| format!("cannot start the checkpoint writer: {e}"))?;
+        self.running = Some(handle);
+        Ok(())
+    }
+
+    /// The write in flight, if it has finished; never blocks.
+    pub fn finished(&mut self) -> Option<Result<Staged, String>> {
+        if self.running.as_ref().is_some_and(|h| h.is_finished()) {
+            self.wait()
+        } else {
+            None
+        }
+    }
+
+    /// Waits for the write in flight, if there is one.
+    pub fn wait(&mut self) -> Option<Result<Staged, String>> {
+        let handle = self.running.take()?;
+        Some(
+            handle
+                .join()
+                .unwrap_or_else(|_| Err("the checkpoint writer panicked".into())),
+        )
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.wait();
+    }
+}
+
+fn write(job: WriteJob) -> Result<Staged, String> {
+    let started = std::time::Instant::now();
+    let step = job.snapshot.state.step;
+    let dir = write_staging(
+        &job.root,
+        job.rank,
+        &job.snapshot,
+        &job.model_src,
+        &job.save,
+    )
+    .map_err(|e| e.to_string())?;
+    drop(job.snapshot);
+    // The writer digests what it wrote (while it is in the page cache): the coordinator then
+    // commits without reading a byte of it, and every later load can verify it.
+    let files = digest_tree(&dir).map_err(|e| e.to_string())?;
+    if let Some(ms) = std::env::var(TEST_DELAY_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+    Ok(Staged {
+        step,
+        is_final: job.is_final,
+        dir,
+        files,
+        stall_seconds: job.stall_seconds,
+        write_seconds: started.elapsed().as_secs_f64(),
+    })
 }

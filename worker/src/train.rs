@@ -4,7 +4,7 @@
 //!
 //! Data parallelism lives only here: the model is single-device code, the collective is a trait.
 
-use crate::checkpoint::{self, TrainerState, TrainingState};
+use crate::checkpoint::{self, Snapshot, Staged, TrainerState, WriteJob};
 use crate::collective::{Collective, CollectiveError, ReduceOp};
 use crate::data::{self, DataError, Task};
 use crate::grads::FlatGrads;
@@ -15,10 +15,9 @@ use crate::optim::{lr_at, scale_and_clip, AdamW, AdamWConfig};
 use crate::precision::{ComputeCopy, Precision};
 use crate::resume;
 use crate::spec::{Placement, TrainSpec};
-use ferrotune_data::manifest::{digest_tree, FileDigest};
 use ferrotune_data::mixture::{rank_slice, Mixture};
 use ferrotune_data::Tokenizer;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Device, Kind};
 
@@ -55,15 +54,9 @@ pub struct EvalResult {
 pub trait Reporter {
     fn step(&self, stats: &StepStats);
     fn eval(&self, phase: &str, step: u64, result: &EvalResult);
-    /// Hands a staged checkpoint over for commit, with the size and SHA-256 of every file in
-    /// it; returns the committed path.
-    fn commit_checkpoint(
-        &self,
-        step: u64,
-        staging: &Path,
-        files: &[FileDigest],
-        is_final: bool,
-    ) -> Result<PathBuf, String>;
+    /// Hands a staged checkpoint (with the size and SHA-256 of every file in it) over for
+    /// commit; returns the committed path.
+    fn commit_checkpoint(&self, staged: &Staged) -> Result<PathBuf, String>;
     /// Some(reason) when the loop must stop (the coordinator said so, or is gone).
     fn abort_reason(&self) -> Option<String>;
 }
@@ -274,6 +267,7 @@ pub fn run(
     let parameters = optimizer.parameters();
     let flat_grads = FlatGrads::new(&parameters);
     let is_writer = placement.rank == 0;
+    let mut writer = checkpoint::Writer::default();
     let mut summary = TrainSummary {
         eval_before: None,
         eval_after: None,
@@ -393,10 +387,18 @@ pub fn run(
             && done.is_multiple_of(spec.checkpoint_every_steps)
             && done < spec.total_steps
         {
-            save(
-                spec, placement, &model, &optimizer, &mixture, &caches, done, lr, false, reporter,
-            )?;
+            // The training thread only copies the state; a background thread writes it.
+            let stalled = Instant::now();
+            commit(writer.wait(), reporter)?;
+            let snapshot = snapshot(
+                spec, placement, &model, &optimizer, &mixture, &caches, done, lr,
+            );
+            writer
+                .start(write_job(spec, placement, &model, snapshot, false, stalled))
+                .map_err(TrainError::Checkpoint)?;
         }
+        // A write that finished during this step is committed now.
+        commit(writer.finished(), reporter)?;
     }
 
     if let Some(result) = run_eval(collective)? {
@@ -406,7 +408,9 @@ pub fn run(
         }
     }
     if is_writer {
-        let path = save(
+        let stalled = Instant::now();
+        commit(writer.wait(), reporter)?;
+        let snapshot = snapshot(
             spec,
             placement,
             &model,
@@ -415,16 +419,19 @@ pub fn run(
             &caches,
             spec.total_steps,
             lr,
-            true,
-            reporter,
-        )?;
+        );
+        writer
+            .start(write_job(spec, placement, &model, snapshot, true, stalled))
+            .map_err(TrainError::Checkpoint)?;
+        let path = commit(writer.wait(), reporter)?;
         summary.final_checkpoint = Some(path);
     }
     Ok(summary)
 }
 
+/// The checkpoint of `step`, copied out of the training state.
 #[allow(clippy::too_many_arguments)]
-fn save(
+fn snapshot(
     spec: &TrainSpec,
     placement: &Placement,
     model: &LoadedModel,
@@ -433,9 +440,7 @@ fn save(
     datasets: &[String],
     step: u64,
     lr: f64,
-    is_final: bool,
-    reporter: &dyn Reporter,
-) -> Result<PathBuf, TrainError> {
+) -> Snapshot {
     let state = TrainerState {
         step,
         data_cursor: mixture.cursor().clone(),
@@ -452,30 +457,44 @@ fn save(
         total_steps: spec.total_steps,
         datasets: datasets.to_vec(),
     };
-    let options = SaveOptions {
-        dtype: spec
-            .checkpoint_dtype
-            .or(model.config.dtype)
-            .unwrap_or(DType::F32),
-        max_shard_bytes: spec.checkpoint_max_shard_bytes,
-    };
-    let staging = checkpoint::write_staging(
-        &spec.checkpoint_dir,
-        placement.rank,
-        model,
-        &spec.model_path,
-        &options,
-        &TrainingState {
-            optimizer,
-            state: &state,
-            chat_template: spec.chat_template.as_deref(),
+    Snapshot::take(model, optimizer, state, spec.chat_template.as_deref())
+}
+
+fn write_job(
+    spec: &TrainSpec,
+    placement: &Placement,
+    model: &LoadedModel,
+    snapshot: Snapshot,
+    is_final: bool,
+    stalled: Instant,
+) -> WriteJob {
+    WriteJob {
+        root: spec.checkpoint_dir.clone(),
+        rank: placement.rank,
+        snapshot,
+        model_src: spec.model_path.clone(),
+        save: SaveOptions {
+            dtype: spec
+                .checkpoint_dtype
+                .or(model.config.dtype)
+                .unwrap_or(DType::F32),
+            max_shard_bytes: spec.checkpoint_max_shard_bytes,
         },
-    )
-    .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-    // The writer digests what it wrote (while it is in the page cache): the coordinator then
-    // commits without reading a byte of it, and every later load can verify it.
-    let files = digest_tree(&staging).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
-    reporter
-        .commit_checkpoint(step, &staging, &files, is_final)
-        .map_err(TrainError::Checkpoint)
+        is_final,
+        stall_seconds: stalled.elapsed().as_secs_f64(),
+    }
+}
+
+/// Commits a finished background write, if there is one; returns the committed path.
+fn commit(
+    written: Option<Result<Staged, String>>,
+    reporter: &dyn Reporter,
+) -> Result<PathBuf, TrainError> {
+    match written {
+        None => Ok(PathBuf::new()),
+        Some(Err(e)) => Err(TrainError::Checkpoint(e)),
+        Some(Ok(staged)) => reporter
+            .commit_checkpoint(&staged)
+            .map_err(TrainError::Checkpoint),
+    }
 }

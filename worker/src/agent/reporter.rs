@@ -6,11 +6,11 @@
 //! before it commits step N); so does [`GrpcReporter::flush`], before the final report.
 
 use super::Agent;
+use crate::checkpoint::Staged;
 use crate::spec::Placement;
 use crate::train::{EvalResult, Reporter, StepStats};
-use ferrotune_data::manifest::FileDigest;
 use ferrotune_proto::v1 as pb;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -133,21 +133,19 @@ impl Reporter for GrpcReporter {
         let _ = self.queue.send(Queued::Eval(report));
     }
 
-    fn commit_checkpoint(
-        &self,
-        step: u64,
-        staging: &Path,
-        files: &[FileDigest],
-        is_final: bool,
-    ) -> Result<PathBuf, String> {
+    fn commit_checkpoint(&self, staged: &Staged) -> Result<PathBuf, String> {
         self.flush();
+        let step = staged.step;
         let request = pb::CheckpointReady {
             rank: self.placement.rank as u32,
             generation: self.placement.generation,
             step,
-            staging_dir: staging.to_string_lossy().into_owned(),
-            is_final,
-            files: files
+            staging_dir: staged.dir.to_string_lossy().into_owned(),
+            is_final: staged.is_final,
+            stall_seconds: staged.stall_seconds,
+            write_seconds: staged.write_seconds,
+            files: staged
+                .files
                 .iter()
                 .map(|f| pb::StagedFile {
                     path: f.path.clone(),

@@ -267,6 +267,57 @@ impl LoadedModel {
         params
     }
 
+    /// The weights as they are now, deep-copied: what an asynchronous checkpoint writes while
+    /// training goes on.
+    pub fn snapshot(&self) -> ModelFiles {
+        let params = tch::no_grad(|| {
+            self.named_parameters()
+                .into_iter()
+                .map(|(name, t)| (name, t.copy()))
+                .collect()
+        });
+        ModelFiles {
+            config: self.config.clone(),
+            params,
+        }
+    }
+
+    /// The live parameters (shared, not copied) as files to write.
+    fn files(&self) -> ModelFiles {
+        ModelFiles {
+            config: self.config.clone(),
+            params: self.named_parameters(),
+        }
+    }
+
+    /// Writes a complete Hugging Face checkpoint into `dir`: see [`ModelFiles::save_pretrained`].
+    pub fn save_pretrained(
+        &self,
+        dir: &Path,
+        source_dir: &Path,
+        options: &SaveOptions,
+    ) -> Result<Vec<PathBuf>, ModelError> {
+        self.files().save_pretrained(dir, source_dir, options)
+    }
+
+    /// Writes the weights with their Hugging Face names; returns the files written.
+    pub fn save_weights(
+        &self,
+        dir: &Path,
+        options: &SaveOptions,
+    ) -> Result<Vec<PathBuf>, ModelError> {
+        self.files().save_weights(dir, options)
+    }
+}
+
+/// A model's config and named parameters (sorted by name) as a checkpoint writes them: the live
+/// model's, or a snapshot that a background writer owns.
+pub struct ModelFiles {
+    pub config: ModelConfig,
+    pub params: Vec<(String, Tensor)>,
+}
+
+impl ModelFiles {
     /// Writes a complete Hugging Face checkpoint into `dir`: config.json (dtype updated), the
     /// weights (one file, or shards plus an index), and the tokenizer and generation files
     /// found in `source_dir`.
@@ -303,7 +354,7 @@ impl LoadedModel {
         dir: &Path,
         options: &SaveOptions,
     ) -> Result<Vec<PathBuf>, ModelError> {
-        let params = self.named_parameters();
+        let params = &self.params;
         let shards = plan_shards(
             params
                 .iter()
