@@ -4,6 +4,7 @@
 //! launcher and a clock) and carries the actions out. That keeps every rule about rendezvous,
 //! liveness and failure unit-testable, and leaves room for generations and restarts.
 
+pub use crate::metrics::{EvalMetrics, StepMetrics, TaskEval};
 use crate::natural::natural_cmp;
 use ferrotune_data::manifest::FileDigest;
 use std::collections::BTreeMap;
@@ -31,36 +32,6 @@ pub struct Assignment {
     /// The collective address of rank (rank + 1) % world_size: the ring dials only its next
     /// neighbour (the previous one dials it), so this is all a worker needs.
     pub next_peer_address: String,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct StepMetrics {
-    pub step: u64,
-    pub loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    /// Learned (labelled) tokens.
-    pub tokens: u64,
-    /// Non-padding tokens read, prompts included.
-    pub input_tokens: u64,
-    pub step_seconds: f64,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct EvalMetrics {
-    pub step: u64,
-    pub phase: String,
-    pub loss: f64,
-    pub tokens: u64,
-    /// Per dataset, in config order.
-    pub tasks: Vec<TaskEval>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct TaskEval {
-    pub name: String,
-    pub loss: f64,
-    pub tokens: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -12,6 +12,7 @@ pub mod endpoint;
 pub mod job;
 pub mod launcher;
 pub mod lease;
+pub mod metrics;
 mod natural;
 pub mod progress;
 pub mod resume;
