@@ -42,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         bucket_bytes: (args.bucket_mb * 1e6) as usize,
         token: "bench".into(),
         generation: 1,
+        cancel: Default::default(),
     };
     let next = &peers[(args.rank + 1) % peers.len()];
     let mut ring = Ring::connect(listener, args.rank, peers.len(), next, &options)?;

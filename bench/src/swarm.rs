@@ -124,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
                     rank,
                     generation,
                     step: 0,
+                    phase: pb::WorkerPhase::Training as i32,
                 };
                 let sent = Instant::now();
                 let answer = client

@@ -54,6 +54,7 @@ fn collective(args: &Args) -> anyhow::Result<Box<dyn Collective>> {
         bucket_bytes: 25_000_000,
         token: "bench".into(),
         generation: 1,
+        cancel: Default::default(),
     };
     Ok(Box::new(Ring::connect(
         listener,

@@ -5,10 +5,12 @@
 use crate::checkpoint;
 use crate::config::JobConfig;
 use crate::endpoint;
-use crate::job::{Action, Event, Job, JobParams, Outcome};
+use crate::job::{Action, Event, HeartbeatAnswer, Job, JobParams, Outcome};
 use crate::launcher::{LaunchPlan, Launcher, LauncherEvent};
 use crate::lease::{Lease, LeaseError};
 use crate::progress::Progress;
+use crate::restarts;
+use crate::resume;
 use crate::server::{self, Inbound, Reply};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,8 +42,8 @@ pub enum DriverError {
 
 pub struct JobReport {
     pub outcome: Outcome,
-    /// A worker found this file of the resumed checkpoint damaged.
-    pub damaged_file: Option<String>,
+    /// A checkpoint a worker found damaged (its directory, the file) that is still in place.
+    pub damaged: Option<(String, String)>,
     pub eval_before: Option<f64>,
     pub eval_after: Option<f64>,
 }
@@ -103,6 +105,10 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
     println!("workers dial: {url}");
 
     let (launcher_tx, mut launcher_events) = mpsc::unbounded_channel();
+    let mut progress = Progress::new(config.steps, config.log_every_steps as u64);
+    if let Some(r) = &config.resume {
+        progress.resumed(r.step, &r.dir);
+    }
     let plan = LaunchPlan {
         world_size: config.cluster.world_size,
         coordinator_url: url,
@@ -110,22 +116,45 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         worker_binary,
         log_dir: config.checkpoint_dir.join("logs"),
     };
+    let restarts_done = if config.resume_keeps_restarts {
+        restarts::read(&config.checkpoint_dir)
+    } else {
+        0
+    };
     let mut job = Job::new(
         JobParams {
             world_size: config.cluster.world_size,
             heartbeat_timeout: config.cluster.heartbeat_timeout,
             rendezvous_timeout: config.cluster.rendezvous_timeout,
+            rejoin_timeout: config.cluster.rejoin_timeout,
+            step_timeout: config.cluster.step_timeout,
             failure_grace: Duration::from_secs(1),
             version: ferrotune_proto::VERSION.into(),
             tracks_exits: launcher.tracks_exits(),
+            max_restarts: config.cluster.max_restarts,
+            restarts_done,
+            resume_from: config
+                .resume
+                .as_ref()
+                .map(|r| r.dir.to_string_lossy().into_owned()),
+            earlier_checkpoints: match &config.resume {
+                Some(r) => checkpoint::committed(&config.checkpoint_dir)
+                    .into_iter()
+                    .filter(|(step, dir)| *step < r.step && *dir != r.dir)
+                    .map(|(_, dir)| dir.to_string_lossy().into_owned())
+                    .collect(),
+                None => Vec::new(),
+            },
         },
         Instant::now(),
     );
-    let mut progress = Progress::new(config.steps, config.log_every_steps as u64);
-    if let Some(r) = &config.resume {
-        progress.resumed(r.step, &r.dir);
+    if restarts_done > 0 {
+        progress.message(format!(
+            "{restarts_done} of cluster.max_restarts = {} restarts were used by this job before",
+            config.cluster.max_restarts
+        ));
     }
-    if let Err(e) = launcher.spawn(&plan, launcher_tx) {
+    if let Err(e) = launcher.spawn(&plan, launcher_tx.clone()) {
         launcher.stop_all(STOP_GRACE).await;
         let _ = shutdown_tx.send(());
         return Err(e.into());
@@ -135,19 +164,20 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
     }
 
     let mut pending: HashMap<String, oneshot::Sender<Reply>> = HashMap::new();
-    let mut damaged_file = None;
     // Per staged checkpoint: (training stall, write time) in seconds, until it is committed.
     let mut timings: HashMap<u64, (f64, f64)> = HashMap::new();
     let (commits_tx, mut commits) = mpsc::unbounded_channel::<CommitDone>();
+    let (resume_tx, mut resume_points) = mpsc::unbounded_channel::<Option<String>>();
     let mut tick = tokio::time::interval(TICK);
     let mut sigterm =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let outcome = 'run: loop {
         let (event, mut reply) = tokio::select! {
             Some(inb) = inbound.recv() => (inb.event, Some(inb.reply)),
-            Some(LauncherEvent::Exited { worker_id, success, status, last_line }) = launcher_events.recv() => {
-                (Event::WorkerExited { worker_id, success, status, last_line }, None)
+            Some(LauncherEvent::Exited { worker_id, success, code, status, last_line }) = launcher_events.recv() => {
+                (Event::WorkerExited { worker_id, success, code, status, last_line }, None)
             }
+            Some(path) = resume_points.recv() => (Event::ResumePointChosen { path }, None),
             Some(reason) = lease_lost.recv() => (Event::LeaseLost { reason }, None),
             Some(done) = commits.recv() => {
                 let CommitDone { step, is_final, result, writer } = done;
@@ -185,14 +215,10 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
             _ => None,
         };
         let is_registering = |id: &str| registering.as_ref().is_some_and(|(r, _)| r == id);
-        let is_heartbeat = matches!(event, Event::Heartbeat { .. });
-        if let Event::Finished {
-            damaged_file: Some(file),
-            ..
-        } = &event
-        {
-            damaged_file = Some(file.clone());
-        }
+        let heartbeat_of = match &event {
+            Event::Heartbeat { generation, .. } => Some(*generation),
+            _ => None,
+        };
         if let Event::CheckpointReady { step, timing, .. } = &event {
             timings.insert(*step, *timing);
         }
@@ -202,6 +228,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
             for action in std::mem::take(&mut queue) {
                 match action {
                     Action::Assign(list) => {
+                        let list_resume = list.first().and_then(|(_, a)| a.resume_from.clone());
                         for (worker_id, assignment) in list {
                             let r = if is_registering(&worker_id) {
                                 reply.take()
@@ -212,10 +239,19 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                                 let _ = r.send(Reply::Assigned(assignment));
                             }
                         }
-                        tracing::info!(
-                            "all {} workers registered; training starts",
-                            config.cluster.world_size
-                        );
+                        let generation = job.generation();
+                        if generation == 1 {
+                            tracing::info!(
+                                "all {} workers registered; training starts",
+                                config.cluster.world_size
+                            );
+                        } else {
+                            let from = list_resume_point(&list_resume);
+                            progress.message(format!(
+                                "generation {generation}: all {} workers are back; training continues from {from}",
+                                config.cluster.world_size
+                            ));
+                        }
                         for (rank, w) in job.roster() {
                             progress.message(format!(
                                 "rank {rank}: worker {} on host {} (collective {})",
@@ -233,6 +269,62 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                         if let Some(r) = r {
                             let _ = r.send(Reply::Rejected(reason));
                         }
+                    }
+                    Action::Refuse(reason) => {
+                        if let Some(r) = reply.take() {
+                            let _ = r.send(Reply::Rejected(reason));
+                        }
+                    }
+                    Action::Restart {
+                        generation,
+                        restart,
+                        max,
+                        reason,
+                        replace,
+                    } => {
+                        progress.message(format!(
+                            "restart {restart} of {max}: {reason}; generation {generation} forms{}",
+                            if replace.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (replacing {})", replace.join(", "))
+                            }
+                        ));
+                        let dir = config.checkpoint_dir.clone();
+                        // Small, but on shared storage: off the event loop.
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = restarts::write(&dir, restart) {
+                                tracing::warn!("could not record the restart count: {e}");
+                            }
+                        });
+                        if !replace.is_empty() {
+                            if let Err(e) = launcher.replace(&plan, &replace, launcher_tx.clone()) {
+                                queue.extend(job.handle(
+                                    Event::LaunchFailed {
+                                        reason: e.to_string(),
+                                    },
+                                    Instant::now(),
+                                ));
+                            }
+                        }
+                    }
+                    Action::ChooseResumePoint {
+                        candidates,
+                        set_aside,
+                    } => {
+                        let answer = resume_tx.clone();
+                        let root = config.checkpoint_dir.clone();
+                        tokio::task::spawn_blocking(move || {
+                            // What a lost writer staged is never committed (and no writer of
+                            // the next generation has started: it is not formed yet).
+                            if let Err(e) = checkpoint::remove_stale_staging(&root) {
+                                tracing::warn!("could not clean staging directories: {e}");
+                            }
+                            let _ = answer.send(resume::choose_restart_point(
+                                &candidates,
+                                set_aside.as_ref(),
+                            ));
+                        });
                     }
                     Action::Progress(m) => progress.step(&m),
                     Action::Eval(m) => progress.eval(&m),
@@ -291,17 +383,9 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                 ));
             }
         } else if let Some(r) = reply.take() {
-            let answer = if is_heartbeat {
-                Reply::Heartbeat {
-                    proceed: job.should_continue(),
-                    reason: if job.should_continue() {
-                        String::new()
-                    } else {
-                        "the job is stopping".into()
-                    },
-                }
-            } else {
-                Reply::Ack
+            let answer = match heartbeat_of {
+                Some(generation) => Reply::Heartbeat(job.heartbeat_answer(generation)),
+                None => Reply::Ack,
             };
             let _ = r.send(answer);
         }
@@ -338,10 +422,20 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
     }
     Ok(JobReport {
         outcome,
-        damaged_file,
+        damaged: job.damaged_checkpoint().cloned(),
         eval_before: progress.eval_before,
         eval_after: progress.eval_after,
     })
+}
+
+/// "step-00000006" (the directory's name), or "the model" when a generation starts afresh.
+fn list_resume_point(path: &Option<String>) -> String {
+    match path {
+        Some(p) => std::path::Path::new(p)
+            .file_name()
+            .map_or(p.clone(), |n| n.to_string_lossy().into_owned()),
+        None => "the model (no checkpoint was committed yet)".into(),
+    }
 }
 
 /// Renews the lease until the job ends (the task is aborted then), off the event loop: a slow
@@ -396,10 +490,7 @@ async fn drain(
         let answer = match inb.event {
             Event::Heartbeat { rank, .. } => {
                 to_tell.remove(&rank);
-                Reply::Heartbeat {
-                    proceed: false,
-                    reason: over,
-                }
+                Reply::Heartbeat(HeartbeatAnswer::Stop(over))
             }
             Event::CheckpointReady { .. } => Reply::Committed(Err(over)),
             // A late Finish is an acknowledged report, not a refusal.

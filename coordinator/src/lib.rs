@@ -15,6 +15,7 @@ pub mod lease;
 pub mod metrics;
 mod natural;
 pub mod progress;
+pub mod restarts;
 pub mod resume;
 pub mod server;
 

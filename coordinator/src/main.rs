@@ -121,9 +121,18 @@ fn main() -> ExitCode {
                 Ok(s) => s,
                 Err(code) => return code,
             };
-            if let Some(requested) = resume {
+            // `resume: auto` (a restarted coordinator) continues the job when a checkpoint of
+            // it exists, and keeps its restart count; a person's `--resume` starts counting anew.
+            let auto = resume.is_none()
+                && c.cluster.resume == config::ResumeSetting::Auto
+                && !checkpoint::committed(&c.checkpoint_dir).is_empty();
+            let requested = resume.or_else(|| auto.then(|| resume::LATEST.to_string()));
+            if let Some(requested) = requested {
                 match resume::choose(&c, &requested) {
-                    Ok(r) => c.resume = Some(r),
+                    Ok(r) => {
+                        c.resume = Some(r);
+                        c.resume_keeps_restarts = auto;
+                    }
                     Err(message) => {
                         eprintln!("error: {message}");
                         return ExitCode::from(EXIT_BAD_INPUT);
@@ -206,7 +215,6 @@ fn launch(config: config::JobConfig, startup: driver::Startup) -> anyhow::Result
     // The driver runs on this (main) thread: workers' parent-death signal is tied to the thread
     // that forked them, and this one lives as long as the job.
     let (source, checkpoints) = (config.source.clone(), config.checkpoint_dir.clone());
-    let resumed_from = config.resume.as_ref().map(|r| r.dir.clone());
     // After a failure or an interrupt: how to go on from the newest committed checkpoint.
     let resume_hint = || {
         if let Some((step, _)) = checkpoint::committed(&checkpoints).pop() {
@@ -234,8 +242,9 @@ fn launch(config: config::JobConfig, startup: driver::Startup) -> anyhow::Result
         }
         Outcome::Failed { reason } => {
             eprintln!("error: job failed: {reason}");
-            if let (Some(file), Some(dir)) = (&report.damaged_file, &resumed_from) {
+            if let Some((dir, file)) = &report.damaged {
                 // Never resumed from again: the next --resume takes the checkpoint before it.
+                let dir = Path::new(dir);
                 match checkpoint::set_aside(dir) {
                     Ok(to) => eprintln!(
                         "warning: {file} does not match its checkpoint's manifest; {} is set aside as {}",

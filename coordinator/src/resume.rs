@@ -45,6 +45,48 @@ fn newest_intact(root: &Path) -> Option<PathBuf> {
     None
 }
 
+/// The checkpoint a restarted generation continues from: `set_aside` (a checkpoint whose file
+/// a worker found damaged: its directory and the file) is renamed out of the way first, then
+/// the newest of `candidates` (newest first) whose files are all there at their sizes. None:
+/// no checkpoint is left, and the generation starts from the model.
+pub fn choose_restart_point(
+    candidates: &[String],
+    set_aside: Option<&(String, String)>,
+) -> Option<String> {
+    if let Some((dir, file)) = set_aside {
+        let dir = Path::new(dir);
+        match checkpoint::set_aside(dir) {
+            Ok(to) => eprintln!(
+                "warning: {file} does not match its checkpoint's manifest; {} is set aside as {}; the restart continues from the checkpoint before it",
+                dir.display(),
+                to.display()
+            ),
+            Err(e) => eprintln!(
+                "warning: {file} does not match its checkpoint's manifest, and {} could not be set aside: {e}",
+                dir.display()
+            ),
+        }
+    }
+    for dir in candidates.iter().map(Path::new) {
+        if !dir.join(checkpoint::MANIFEST).is_file() {
+            // Removed by retention, or set aside.
+            continue;
+        }
+        match ferrotune_data::manifest::Manifest::read(dir).and_then(|m| m.check_sizes(dir)) {
+            Ok(()) => return Some(dir.to_string_lossy().into_owned()),
+            Err(e) => match checkpoint::set_aside(dir) {
+                Ok(to) => eprintln!(
+                    "warning: {e}\n  {} is set aside as {}; the restart continues from the checkpoint before it",
+                    dir.display(),
+                    to.display()
+                ),
+                Err(err) => eprintln!("warning: {e}; and it could not be set aside: {err}"),
+            },
+        }
+    }
+    None
+}
+
 /// Resolves `requested` (a checkpoint directory, or [`LATEST`]) against `config`.
 pub fn choose(config: &JobConfig, requested: &str) -> Result<Resume, String> {
     let dir = if requested == LATEST {

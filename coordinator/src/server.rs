@@ -2,7 +2,9 @@
 //! No job logic lives here; the generated `pb` types stay inside this module.
 
 use crate::config::{JobConfig, ModelInit};
-use crate::job::{Assignment, EvalMetrics, Event, StepMetrics, TaskEval, WorkerInfo};
+use crate::job::{
+    Assignment, EvalMetrics, Event, HeartbeatAnswer, StepMetrics, TaskEval, WorkerInfo, WorkerPhase,
+};
 use ferrotune_data::manifest::FileDigest;
 use ferrotune_proto::v1 as pb;
 use ferrotune_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
@@ -14,7 +16,7 @@ use tonic::{Request, Response, Status};
 pub enum Reply {
     Assigned(Assignment),
     Rejected(String),
-    Heartbeat { proceed: bool, reason: String },
+    Heartbeat(HeartbeatAnswer),
     Committed(Result<String, String>),
     Ack,
 }
@@ -177,6 +179,7 @@ impl Coordinator for Service {
                     peer_addresses: Vec::new(),
                     next_peer_address: a.next_peer_address,
                     backend: pb::CollectiveBackend::TcpRing as i32,
+                    resume_from: a.resume_from.unwrap_or_default(),
                 }),
                 spec: Some(self.spec.clone()),
             })),
@@ -192,18 +195,27 @@ impl Coordinator for Service {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = request.into_inner();
+        let phase = match pb::WorkerPhase::try_from(r.phase) {
+            Ok(pb::WorkerPhase::Loading) => WorkerPhase::Loading,
+            Ok(pb::WorkerPhase::Training) => WorkerPhase::Training,
+            Ok(pb::WorkerPhase::Eval) => WorkerPhase::Eval,
+            Ok(pb::WorkerPhase::Checkpoint) => WorkerPhase::Checkpoint,
+            _ => WorkerPhase::Unknown,
+        };
         let reply = self
             .send(Event::Heartbeat {
                 rank: r.rank,
                 generation: r.generation,
+                phase,
             })
             .await?;
         let (command, reason) = match reply {
-            Reply::Heartbeat { proceed: true, .. } => (pb::Command::Continue, String::new()),
-            Reply::Heartbeat {
-                proceed: false,
-                reason,
-            } => (pb::Command::Abort, reason),
+            Reply::Heartbeat(HeartbeatAnswer::Continue) => (pb::Command::Continue, String::new()),
+            Reply::Heartbeat(HeartbeatAnswer::Rejoin) => (
+                pb::Command::Rejoin,
+                "the group is re-formed after a failure".to_string(),
+            ),
+            Reply::Heartbeat(HeartbeatAnswer::Stop(reason)) => (pb::Command::Abort, reason),
             _ => (pb::Command::Abort, "the job is over".to_string()),
         };
         Ok(Response::new(pb::HeartbeatResponse {
@@ -228,6 +240,7 @@ impl Coordinator for Service {
         };
         self.ack(Event::StepReported {
             rank: r.rank,
+            generation: r.generation,
             metrics,
         })
         .await
@@ -255,6 +268,7 @@ impl Coordinator for Service {
         };
         self.ack(Event::EvalReported {
             rank: r.rank,
+            generation: r.generation,
             metrics,
         })
         .await
@@ -267,6 +281,7 @@ impl Coordinator for Service {
         let r = request.into_inner();
         let event = Event::CheckpointReady {
             rank: r.rank,
+            generation: r.generation,
             step: r.step,
             staging_dir: r.staging_dir,
             is_final: r.is_final,
@@ -300,8 +315,10 @@ impl Coordinator for Service {
         let r = request.into_inner();
         self.ack(Event::Finished {
             rank: r.rank,
+            generation: r.generation,
             ok: r.ok,
             error: r.error,
+            retriable: r.retriable,
             damaged_file: (!r.damaged_file.is_empty()).then_some(r.damaged_file),
         })
         .await
@@ -362,11 +379,8 @@ mod tests {
 
     #[tokio::test]
     async fn calls_without_the_job_token_are_refused() {
-        let (addr, driver, stop, server) = serve(|| Reply::Heartbeat {
-            proceed: true,
-            reason: String::new(),
-        })
-        .await;
+        let (addr, driver, stop, server) =
+            serve(|| Reply::Heartbeat(HeartbeatAnswer::Continue)).await;
         let mut client = CoordinatorClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
@@ -374,6 +388,7 @@ mod tests {
             rank: 0,
             generation: 1,
             step: 0,
+            phase: pb::WorkerPhase::Training as i32,
         };
 
         let err = client.heartbeat(beat()).await.unwrap_err();

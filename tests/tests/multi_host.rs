@@ -32,6 +32,7 @@ cluster:
   heartbeat_timeout_s: {HEARTBEAT_TIMEOUT_S}
   collective_timeout_s: 30
   rendezvous_timeout_s: 90
+  max_restarts: 0    # the link-cut test checks detection; recovery is tested in recovery.rs
 model:
   path: base
 data:

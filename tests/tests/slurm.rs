@@ -52,28 +52,39 @@ impl Cluster {
     }
 
     /// `sbatch deploy/slurm/ferrotune.sbatch CONFIG` from `workdir`; returns the job id.
-    fn submit(&self, workdir: &Path, config: &Path, tag: &str) -> String {
+    /// `env` is added to the job's environment (sbatch and srun pass it on to every task).
+    fn submit(&self, workdir: &Path, config: &Path, tag: &str, env: &[(&str, String)]) -> String {
         let bin_dir = bin("coordinator").parent().unwrap().to_path_buf();
-        let id = stdout_of(
-            self.command("sbatch")
-                .arg("--parsable")
-                .arg(format!("--chdir={}", workdir.display()))
-                .arg(repo_root().join("deploy/slurm/ferrotune.sbatch"))
-                .arg(config)
-                .env("FERROTUNE_BIN", bin_dir)
-                .env("FERROTUNE_TEST_TAG", tag)
-                .env_remove("RUST_LOG"),
-        );
-        id.trim().to_string()
+        let mut cmd = self.command("sbatch");
+        cmd.arg("--parsable")
+            .arg(format!("--chdir={}", workdir.display()))
+            .arg(repo_root().join("deploy/slurm/ferrotune.sbatch"))
+            .arg(config)
+            .env("FERROTUNE_BIN", bin_dir)
+            .env("FERROTUNE_TEST_TAG", tag)
+            .env_remove("RUST_LOG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        stdout_of(&mut cmd).trim().to_string()
     }
 
     /// Writes `config_text` into `workdir` and submits it; returns (job id, its output file, the
     /// tag its processes carry).
     fn submit_text(&self, workdir: &Path, config_text: &str) -> (String, PathBuf, String) {
+        self.submit_text_env(workdir, config_text, &[])
+    }
+
+    fn submit_text_env(
+        &self,
+        workdir: &Path,
+        config_text: &str,
+        env: &[(&str, String)],
+    ) -> (String, PathBuf, String) {
         let config = workdir.join("slurm.yaml");
         std::fs::write(&config, config_text).unwrap();
         let tag = unique_tag();
-        let id = self.submit(workdir, &config, &tag);
+        let id = self.submit(workdir, &config, &tag, env);
         let output = workdir.join(format!("ferrotune-{id}.out"));
         (id, output, tag)
     }
@@ -176,42 +187,48 @@ fn the_sbatch_script_trains_the_tiny_example_on_two_nodes() {
 }
 
 #[test]
-fn killing_one_task_fails_the_job_but_not_the_allocation() {
+fn a_killed_task_is_replaced_by_a_new_step_and_the_job_completes() {
     let _serial = serial();
     let Some(cluster) = Cluster::start() else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
     small_random_model(tmp.path());
-    let long = random_model_job(2, 2, 0, 100_000, 1.0e-3, "out");
-    let (id, output, tag) = cluster.submit_text(tmp.path(), &slurm_job(&long));
-
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let worker = bin("worker");
-    let victim = loop {
-        let out = std::fs::read_to_string(&output).unwrap_or_default();
-        if out.lines().any(|l| l.starts_with("step ")) {
-            let task = format!("--worker-id {id}.1 ");
-            let found = tagged_processes(&tag).into_iter().find(|(_, cmd)| {
-                cmd.starts_with(&*worker.to_string_lossy()) && cmd.contains(&task)
-            });
-            break found.unwrap_or_else(|| panic!("no worker {id}.1 among the tagged processes"));
-        }
-        assert!(
-            Instant::now() < deadline,
-            "training never started; output:\n{out}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    // SAFETY: kill(2) on a pid read from /proc a moment ago: a worker task of our job.
-    assert_eq!(unsafe { libc::kill(victim.0, libc::SIGKILL) }, 0);
-    let (state, exit) = cluster.wait(&id, Duration::from_secs(60), &output);
+    let text = random_model_job(2, 2, 0, 30, 1.0e-3, "out") + "  every_steps: 5\n";
+    // Task 1 kills itself inside the all-reduce of step 12, once (the marker disarms it).
+    let marker = tmp.path().join("fault");
+    let fault = format!("allreduce:1:12:{}", marker.display());
+    let (id, output, tag) = cluster.submit_text_env(
+        tmp.path(),
+        &slurm_job(&text),
+        &[("FERROTUNE_TEST_FAULT", fault)],
+    );
+    let (state, exit) = cluster.wait(&id, Duration::from_secs(180), &output);
     let out = std::fs::read_to_string(&output).unwrap_or_default();
-    // FAILED with the coordinator's exit code: the batch script ran to its end. A cancelled
-    // allocation would read CANCELLED.
-    assert_eq!((state.as_str(), exit.as_str()), ("FAILED", "1:0"), "{out}");
+    // The allocation was never given up: the batch script ran to its successful end.
+    assert_eq!(
+        (state.as_str(), exit.as_str()),
+        ("COMPLETED", "0:0"),
+        "{out}"
+    );
+    assert!(marker.is_file(), "the fault never fired:\n{out}");
     assert!(
-        out.contains(&format!("job failed: rank 1 (worker {id}.1 on host n2)")),
+        out.contains(&format!(
+            "restart 1 of 3: rank 1 (worker {id}.1 on host n2)"
+        )),
+        "{out}"
+    );
+    assert!(out.contains(&format!("(replacing {id}.1)")), "{out}");
+    assert!(
+        out.contains("generation 2: all 2 workers are back; training continues from step-"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("rank 1: worker {id}.1 on host n2 ")),
+        "the replacement runs in the failed task's place:\n{out}"
+    );
+    assert!(
+        tmp.path().join("out/step-00000030/manifest.json").is_file(),
         "{out}"
     );
     assert!(!out.contains("panicked"), "{out}");

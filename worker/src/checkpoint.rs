@@ -234,8 +234,12 @@ impl Writer {
 }
 
 impl Drop for Writer {
+    /// A write still running is waited for; one that finished but was never committed (its
+    /// generation ended) is removed, so that no staging directory is left behind.
     fn drop(&mut self) {
-        let _ = self.wait();
+        if let Some(Ok(staged)) = self.wait() {
+            let _ = std::fs::remove_dir_all(&staged.dir);
+        }
     }
 }
 
@@ -250,6 +254,7 @@ fn write(job: WriteJob) -> Result<Staged, String> {
         &job.save,
     )
     .map_err(|e| e.to_string())?;
+    crate::fault::point_at(crate::fault::Point::CheckpointWrite, step);
     drop(job.snapshot);
     // The writer digests what it wrote (while it is in the page cache): the coordinator then
     // commits without reading a byte of it, and every later load can verify it.

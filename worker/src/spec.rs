@@ -16,6 +16,9 @@ pub struct Placement {
     pub generation: u64,
     /// Collective address of rank (rank + 1) % world_size.
     pub next_peer_address: String,
+    /// The committed checkpoint this generation starts from (None: the model). After a
+    /// restart it is the newest intact one, whatever the job was launched with.
+    pub resume_from: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -50,7 +53,7 @@ pub struct TrainSpec {
     pub checkpoint_dtype: Option<DType>,
     pub checkpoint_max_shard_bytes: u64,
     /// A committed checkpoint to continue from: weights, optimizer state, step, data cursor.
-    pub resume_from: Option<PathBuf>,
+
     /// Recompute decoder layers in backward rather than storing their activations.
     pub activation_checkpointing: bool,
     pub precision: crate::precision::Precision,

@@ -15,7 +15,7 @@ pub struct StorageError {
 }
 
 /// Every path of `spec` this worker reads, checked for what it will do with it.
-pub fn check(spec: &TrainSpec, host: &str) -> Result<(), StorageError> {
+pub fn check(spec: &TrainSpec, resume_from: Option<&Path>, host: &str) -> Result<(), StorageError> {
     let fail = |field: &str, path: &Path, why: String| StorageError {
         host: host.to_string(),
         field: field.to_string(),
@@ -42,7 +42,7 @@ pub fn check(spec: &TrainSpec, host: &str) -> Result<(), StorageError> {
     }
     dir("data.cache_dir", &spec.cache_dir)?;
     dir("checkpoint.dir", &spec.checkpoint_dir)?;
-    if let Some(resume) = &spec.resume_from {
+    if let Some(resume) = resume_from {
         dir("the checkpoint to resume from", resume)?;
     }
     Ok(())

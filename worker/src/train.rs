@@ -50,8 +50,32 @@ pub struct EvalResult {
     pub tasks: Vec<TaskLoss>,
 }
 
+/// What the loop is doing, for the coordinator's progress watchdog (which counts only time
+/// spent training).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum TrainPhase {
+    Loading = 0,
+    Training = 1,
+    Eval = 2,
+    Checkpoint = 3,
+}
+
+impl TrainPhase {
+    pub fn from_u8(v: u8) -> TrainPhase {
+        match v {
+            1 => TrainPhase::Training,
+            2 => TrainPhase::Eval,
+            3 => TrainPhase::Checkpoint,
+            _ => TrainPhase::Loading,
+        }
+    }
+}
+
 /// Where the loop's results go (the coordinator, in production; a recorder in tests).
 pub trait Reporter {
+    /// The loop enters `phase`.
+    fn phase(&self, _phase: TrainPhase) {}
     fn step(&self, stats: &StepStats);
     fn eval(&self, phase: &str, step: u64, result: &EvalResult);
     /// Hands a staged checkpoint (with the size and SHA-256 of every file in it) over for
@@ -196,7 +220,8 @@ pub fn run(
     // Same seed on every rank: a random init is identical everywhere.
     tch::manual_seed(spec.seed as i64);
     // A resumed job loads the checkpoint, a Hugging Face model directory like any other.
-    let model = match &spec.resume_from {
+    reporter.phase(TrainPhase::Loading);
+    let model = match &placement.resume_from {
         Some(dir) => {
             resume::verify(dir)?;
             LoadedModel::load(dir, false, device)?
@@ -247,7 +272,7 @@ pub fn run(
             weight_decay: spec.weight_decay,
         },
     );
-    let (start, mut mixture) = match &spec.resume_from {
+    let (start, mut mixture) = match &placement.resume_from {
         None => (
             0,
             Mixture::new(spec.seed, &sizes, &weights).map_err(TrainError::Setup)?,
@@ -275,6 +300,7 @@ pub fn run(
         last_loss: f64::NAN,
     };
 
+    reporter.phase(TrainPhase::Eval);
     if let Some(result) = run_eval(collective)? {
         // A resumed job's first eval is of the checkpoint, not of the model before fine-tuning.
         let phase = if start == 0 {
@@ -289,10 +315,12 @@ pub fn run(
     }
 
     let mut lr = spec.lr;
+    reporter.phase(TrainPhase::Training);
     for step in start..spec.total_steps {
         if let Some(reason) = reporter.abort_reason() {
             return Err(TrainError::Aborted(reason));
         }
+        crate::fault::at(placement.rank, step + 1);
         let started = Instant::now();
         lr = lr_at(
             step,
@@ -389,6 +417,7 @@ pub fn run(
         {
             // The training thread only copies the state; a background thread writes it.
             let stalled = Instant::now();
+            reporter.phase(TrainPhase::Checkpoint);
             commit(writer.wait(), reporter)?;
             let snapshot = snapshot(
                 spec, placement, &model, &optimizer, &mixture, &caches, done, lr,
@@ -396,11 +425,13 @@ pub fn run(
             writer
                 .start(write_job(spec, placement, &model, snapshot, false, stalled))
                 .map_err(TrainError::Checkpoint)?;
+            reporter.phase(TrainPhase::Training);
         }
         // A write that finished during this step is committed now.
         commit(writer.finished(), reporter)?;
     }
 
+    reporter.phase(TrainPhase::Eval);
     if let Some(result) = run_eval(collective)? {
         summary.eval_after = Some(result.loss);
         if is_writer {
@@ -409,6 +440,7 @@ pub fn run(
     }
     if is_writer {
         let stalled = Instant::now();
+        reporter.phase(TrainPhase::Checkpoint);
         commit(writer.wait(), reporter)?;
         let snapshot = snapshot(
             spec,

@@ -12,6 +12,7 @@ fn options(timeout: Duration, bucket_bytes: usize) -> RingOptions {
         bucket_bytes,
         token: "test-token".into(),
         generation: 1,
+        cancel: Default::default(),
     }
 }
 

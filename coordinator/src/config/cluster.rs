@@ -90,6 +90,25 @@ pub(super) struct ClusterSection {
     bucket_mb: Spanned<f64>,
     #[serde(default)]
     worker_binary: Option<Spanned<String>>,
+    #[serde(default = "defaults::max_restarts")]
+    max_restarts: Spanned<u32>,
+    #[serde(default = "defaults::rejoin_timeout_s")]
+    rejoin_timeout_s: Spanned<f64>,
+    #[serde(default = "defaults::step_timeout_s")]
+    step_timeout_s: Spanned<f64>,
+    #[serde(default)]
+    resume: Option<Spanned<ResumeSetting>>,
+}
+
+/// `resume: auto` continues from the newest committed checkpoint when there is one (a
+/// restarted coordinator needs no other command line); `never` (the default) starts afresh
+/// unless `--resume` is given.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ResumeSetting {
+    Auto,
+    #[default]
+    Never,
 }
 
 mod defaults {
@@ -113,6 +132,15 @@ mod defaults {
     }
     pub fn bucket_mb() -> Spanned<f64> {
         unspanned(25.0)
+    }
+    pub fn max_restarts() -> Spanned<u32> {
+        unspanned(3)
+    }
+    pub fn rejoin_timeout_s() -> Spanned<f64> {
+        unspanned(120.0)
+    }
+    pub fn step_timeout_s() -> Spanned<f64> {
+        unspanned(600.0)
     }
 }
 
@@ -141,6 +169,13 @@ pub struct ClusterConfig {
     pub collective_timeout: Duration,
     pub bucket_bytes: u64,
     pub worker_binary: Option<PathBuf>,
+    /// Restarts (re-formed groups after a lost worker) allowed for the whole job.
+    pub max_restarts: u32,
+    /// How long a re-formed group waits for its workers to register again.
+    pub rejoin_timeout: Duration,
+    /// How long the workers may train without reporting a step before the group is re-formed.
+    pub step_timeout: Duration,
+    pub resume: ResumeSetting,
 }
 
 impl Checks<'_> {
@@ -206,6 +241,8 @@ impl Checks<'_> {
         let collective_timeout =
             self.seconds(&c.collective_timeout_s, "cluster.collective_timeout_s");
         let bucket_mb = self.finite_at_least(&c.bucket_mb, "cluster.bucket_mb", 0.0, true);
+        let rejoin_timeout = self.seconds(&c.rejoin_timeout_s, "cluster.rejoin_timeout_s");
+        let step_timeout = self.seconds(&c.step_timeout_s, "cluster.step_timeout_s");
         ClusterConfig {
             launcher: c.launcher,
             world_size,
@@ -226,6 +263,10 @@ impl Checks<'_> {
                 .worker_binary
                 .as_ref()
                 .map(|b| self.existing(b, "cluster.worker_binary", false)),
+            max_restarts: c.max_restarts.value,
+            rejoin_timeout,
+            step_timeout,
+            resume: c.resume.as_ref().map(|r| r.value).unwrap_or_default(),
         }
     }
 

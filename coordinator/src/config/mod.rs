@@ -163,6 +163,9 @@ pub struct JobConfig {
     pub precision: String,
     /// Set by `launch --resume`, not by cluster.yaml: the committed checkpoint to continue.
     pub resume: Option<crate::resume::Resume>,
+    /// The resume was chosen by `cluster.resume: auto` (a restarted coordinator): the job's
+    /// restart count carries over. A person's `--resume` or a fresh start begins at zero.
+    pub resume_keeps_restarts: bool,
 }
 
 /// Reads and validates a cluster.yaml. Relative paths in it are relative to the file's directory.
@@ -483,6 +486,7 @@ impl Checks<'_> {
             activation_checkpointing: f.model.activation_checkpointing,
             precision,
             resume: None,
+            resume_keeps_restarts: false,
         }
     }
 }
@@ -513,7 +517,7 @@ mod cluster;
 mod data;
 mod issues;
 use cluster::ClusterSection;
-pub use cluster::{ClusterConfig, LauncherKind, WORLD_SIZE_ENVS};
+pub use cluster::{ClusterConfig, LauncherKind, ResumeSetting, WORLD_SIZE_ENVS};
 use data::DataSection;
 pub use data::{DataConfig, DatasetConfig};
 use issues::yaml_issue;

@@ -17,6 +17,10 @@ use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 
 struct Running {
+    worker_id: String,
+    /// Set when the process is replaced by a new instance: its exit is then expected and not
+    /// reported (the job already counted the failure that replaced it).
+    retired: Arc<std::sync::atomic::AtomicBool>,
     pid: u32,
     /// A pidfd names this very process even after it has been reaped, where a pid could name
     /// a stranger that reused it; None on kernels without pidfd_open (before 5.3).
@@ -30,14 +34,15 @@ pub struct Children {
 }
 
 impl Children {
-    /// Starts `cmd` as `worker_id`, its stdout and stderr appended to `log_path`; its exit is
-    /// reported on `events`.
+    /// Starts `cmd` as `worker_id`, its stdout and stderr written to `log_path` (appended when
+    /// `append`: a replacement continues its slot's log); its exit is reported on `events`.
     pub fn spawn(
         &mut self,
         mut cmd: Command,
         program: &Path,
         worker_id: String,
         log_path: PathBuf,
+        append: bool,
         events: &mpsc::UnboundedSender<LauncherEvent>,
     ) -> Result<(), LaunchError> {
         cmd.stdin(Stdio::null())
@@ -66,7 +71,12 @@ impl Children {
         let pidfd = open_pidfd(pid);
         tracing::debug!(%worker_id, pid, "started");
 
-        let log = std::fs::File::create(&log_path)
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&log_path)
             .ok()
             .map(tokio::fs::File::from_std);
         let log = Arc::new(tokio::sync::Mutex::new(log));
@@ -90,30 +100,52 @@ impl Children {
         }
         let (exited_tx, exited_rx) = watch::channel(false);
         let events = events.clone();
+        let retired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let is_retired = retired.clone();
+        let id = worker_id.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
             for r in readers {
                 let _ = r.await;
             }
-            let (success, status) = match status {
-                Ok(s) => (s.success(), describe(&s)),
-                Err(e) => (false, format!("could not be waited for: {e}")),
+            let (success, code, status) = match status {
+                Ok(s) => (s.success(), s.code(), describe(&s)),
+                Err(e) => (false, None, format!("could not be waited for: {e}")),
             };
             let last_line = last_line.lock().ok().and_then(|l| l.clone());
             let _ = exited_tx.send(true);
+            if is_retired.load(std::sync::atomic::Ordering::SeqCst) {
+                tracing::debug!(worker_id = %id, "replaced instance ended: {status}");
+                return;
+            }
             let _ = events.send(LauncherEvent::Exited {
-                worker_id,
+                worker_id: id,
                 success,
+                code,
                 status,
                 last_line,
             });
         });
+        self.running.retain(|r| !*r.exited.borrow());
         self.running.push(Running {
+            worker_id,
+            retired,
             pid,
             pidfd,
             exited: exited_rx,
         });
         Ok(())
+    }
+
+    /// Makes room for a new instance of `worker_id`: the current one (if still running: frozen,
+    /// partitioned) is killed, and its exit is not reported.
+    pub fn retire(&mut self, worker_id: &str) {
+        for w in self.running.iter().filter(|w| w.worker_id == worker_id) {
+            w.retired.store(true, std::sync::atomic::Ordering::SeqCst);
+            if !*w.exited.borrow() {
+                w.signal(libc::SIGKILL);
+            }
+        }
     }
 
     /// SIGTERM to every child still running, SIGKILL to those left after `grace`; returns once
@@ -138,21 +170,26 @@ impl Children {
 
     fn signal(&self, signal: i32) {
         for w in &self.running {
-            if *w.exited.borrow() {
-                continue;
+            if !*w.exited.borrow() {
+                w.signal(signal);
             }
-            match &w.pidfd {
-                Some(fd) => {
-                    let _ = pidfd_signal(fd, signal);
-                }
-                // Without pidfd a pid reaped by its waiter but not yet flagged exited could
-                // have been reused: a window of microseconds, on kernels older than 5.3 only.
-                // SAFETY: kill(2) has no memory-safety preconditions.
-                None if w.pid != 0 => unsafe {
-                    libc::kill(w.pid as i32, signal);
-                },
-                None => {}
+        }
+    }
+}
+
+impl Running {
+    fn signal(&self, signal: i32) {
+        match &self.pidfd {
+            Some(fd) => {
+                let _ = pidfd_signal(fd, signal);
             }
+            // Without pidfd a pid reaped by its waiter but not yet flagged exited could have
+            // been reused: a window of microseconds, on kernels older than 5.3 only.
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            None if self.pid != 0 => unsafe {
+                libc::kill(self.pid as i32, signal);
+            },
+            None => {}
         }
     }
 }

@@ -6,6 +6,9 @@ use std::time::Duration;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+/// Local workers are `local-0`, `local-1`, ...: the slot index is in the name.
+const WORKER_ID_PREFIX: &str = "local-";
+
 #[derive(Default)]
 pub struct LocalLauncher {
     children: Children,
@@ -23,6 +26,35 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+impl LocalLauncher {
+    /// Starts the worker of slot `index` (its log is continued when `append`).
+    fn start(
+        &mut self,
+        plan: &LaunchPlan,
+        index: u32,
+        append: bool,
+        events: &mpsc::UnboundedSender<LauncherEvent>,
+    ) -> Result<(), LaunchError> {
+        let worker_id = format!("{WORKER_ID_PREFIX}{index}");
+        let mut cmd = Command::new(&plan.worker_binary);
+        cmd.arg("run")
+            .arg("--coordinator")
+            .arg(&plan.coordinator_url)
+            .arg("--worker-id")
+            .arg(&worker_id)
+            .arg("--host")
+            .arg(hostname())
+            .arg("--local-index")
+            .arg(index.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .env(ferrotune_proto::TOKEN_ENV, &plan.token);
+        let log = plan.log_dir.join(format!("worker-{index}.log"));
+        self.children
+            .spawn(cmd, &plan.worker_binary, worker_id, log, append, events)
+    }
+}
+
 impl Launcher for LocalLauncher {
     fn spawn(
         &mut self,
@@ -30,25 +62,28 @@ impl Launcher for LocalLauncher {
         events: mpsc::UnboundedSender<LauncherEvent>,
     ) -> Result<(), LaunchError> {
         plan.create_log_dir()?;
-        let host = hostname();
         for index in 0..plan.world_size {
-            let worker_id = format!("local-{index}");
-            let mut cmd = Command::new(&plan.worker_binary);
-            cmd.arg("run")
-                .arg("--coordinator")
-                .arg(&plan.coordinator_url)
-                .arg("--worker-id")
-                .arg(&worker_id)
-                .arg("--host")
-                .arg(&host)
-                .arg("--local-index")
-                .arg(index.to_string())
-                .arg("--bind")
-                .arg("127.0.0.1")
-                .env(ferrotune_proto::TOKEN_ENV, &plan.token);
-            let log = plan.log_dir.join(format!("worker-{index}.log"));
-            self.children
-                .spawn(cmd, &plan.worker_binary, worker_id, log, &events)?;
+            self.start(plan, index, false, &events)?;
+        }
+        Ok(())
+    }
+
+    fn replace(
+        &mut self,
+        plan: &LaunchPlan,
+        worker_ids: &[String],
+        events: mpsc::UnboundedSender<LauncherEvent>,
+    ) -> Result<(), LaunchError> {
+        for id in worker_ids {
+            let Some(index) = id
+                .strip_prefix(WORKER_ID_PREFIX)
+                .and_then(|i| i.parse::<u32>().ok())
+            else {
+                tracing::warn!(worker_id = %id, "not a worker this launcher started; not replaced");
+                continue;
+            };
+            self.children.retire(id);
+            self.start(plan, index, true, &events)?;
         }
         Ok(())
     }

@@ -41,6 +41,8 @@ pub enum LauncherEvent {
     Exited {
         worker_id: String,
         success: bool,
+        /// The exit code, when the process exited rather than being killed by a signal.
+        code: Option<i32>,
         /// "exited with code 1", "was killed by signal 9 (SIGKILL)".
         status: String,
         last_line: Option<String>,
@@ -70,6 +72,18 @@ pub trait Launcher: Send {
         plan: &LaunchPlan,
         events: mpsc::UnboundedSender<LauncherEvent>,
     ) -> Result<(), LaunchError>;
+
+    /// Starts new instances of these workers (after a restart: they were lost), killing what
+    /// is left of the old ones. Launchers that own no process (external) do nothing: the
+    /// replacement registers by itself (a Kubernetes Job restarts its pod).
+    fn replace(
+        &mut self,
+        _plan: &LaunchPlan,
+        _worker_ids: &[String],
+        _events: mpsc::UnboundedSender<LauncherEvent>,
+    ) -> Result<(), LaunchError> {
+        Ok(())
+    }
 
     /// Asks every worker to stop, forces those still running after `grace`, and returns only
     /// once no worker process is left.

@@ -202,6 +202,43 @@ pub fn expand_hostnames(list: &str) -> Result<Vec<String>, SlurmError> {
     Ok(names)
 }
 
+impl SlurmLauncher {
+    /// Starts the worker of slot `index` as its own step (its log is continued when `append`).
+    fn start(
+        &mut self,
+        plan: &LaunchPlan,
+        index: usize,
+        append: bool,
+        events: &mpsc::UnboundedSender<LauncherEvent>,
+    ) -> Result<(), LaunchError> {
+        let srun = std::path::PathBuf::from("srun");
+        let (node, local_index) = &self.placements[index];
+        // Stable across a restart of the same slot, and distinct from every other task.
+        let worker_id = format!("{}.{index}", self.allocation.job_id);
+        let mut cmd = Command::new(&srun);
+        cmd.args(["--overlap", "--nodes=1", "--ntasks=1"])
+            .arg(format!("--nodelist={node}"))
+            .arg(format!("--job-name={STEP_NAME_PREFIX}{index}"));
+        if let Some(cpus) = self.allocation.cpus_per_task {
+            cmd.arg(format!("--cpus-per-task={cpus}"));
+        }
+        // GPU options (--gpus-per-task) arrive with the GPU issue.
+        cmd.arg(&plan.worker_binary)
+            .arg("run")
+            .arg("--coordinator")
+            .arg(&plan.coordinator_url)
+            .arg("--worker-id")
+            .arg(&worker_id)
+            .arg("--local-index")
+            .arg(local_index.to_string())
+            // srun passes this environment on to the task; argv would show in `ps`.
+            .env(ferrotune_proto::TOKEN_ENV, &plan.token);
+        let log = plan.log_dir.join(format!("worker-{index}.log"));
+        self.children
+            .spawn(cmd, &srun, worker_id, log, append, events)
+    }
+}
+
 pub struct SlurmLauncher {
     allocation: Allocation,
     placements: Vec<(String, u32)>,
@@ -254,30 +291,32 @@ impl Launcher for SlurmLauncher {
         events: mpsc::UnboundedSender<LauncherEvent>,
     ) -> Result<(), LaunchError> {
         plan.create_log_dir()?;
-        let srun = std::path::PathBuf::from("srun");
-        for (index, (node, local_index)) in self.placements.iter().enumerate() {
-            // Stable across a restart of the same slot, and distinct from every other task.
-            let worker_id = format!("{}.{index}", self.allocation.job_id);
-            let mut cmd = Command::new(&srun);
-            cmd.args(["--overlap", "--nodes=1", "--ntasks=1"])
-                .arg(format!("--nodelist={node}"))
-                .arg(format!("--job-name={STEP_NAME_PREFIX}{index}"));
-            if let Some(cpus) = self.allocation.cpus_per_task {
-                cmd.arg(format!("--cpus-per-task={cpus}"));
-            }
-            // GPU options (--gpus-per-task) arrive with the GPU issue.
-            cmd.arg(&plan.worker_binary)
-                .arg("run")
-                .arg("--coordinator")
-                .arg(&plan.coordinator_url)
-                .arg("--worker-id")
-                .arg(&worker_id)
-                .arg("--local-index")
-                .arg(local_index.to_string())
-                // srun passes this environment on to the task; argv would show in `ps`.
-                .env(ferrotune_proto::TOKEN_ENV, &plan.token);
-            let log = plan.log_dir.join(format!("worker-{index}.log"));
-            self.children.spawn(cmd, &srun, worker_id, log, &events)?;
+        for index in 0..self.placements.len() {
+            self.start(plan, index, false, &events)?;
+        }
+        Ok(())
+    }
+
+    fn replace(
+        &mut self,
+        plan: &LaunchPlan,
+        worker_ids: &[String],
+        events: mpsc::UnboundedSender<LauncherEvent>,
+    ) -> Result<(), LaunchError> {
+        let prefix = format!("{}.", self.allocation.job_id);
+        for id in worker_ids {
+            let Some(index) = id
+                .strip_prefix(&prefix)
+                .and_then(|i| i.parse::<usize>().ok())
+                .filter(|&i| i < self.placements.len())
+            else {
+                tracing::warn!(worker_id = %id, "not a task this launcher started; not replaced");
+                continue;
+            };
+            // A new single-task step on the same node, inside the allocation: the other steps
+            // keep running.
+            self.children.retire(id);
+            self.start(plan, index, true, &events)?;
         }
         Ok(())
     }

@@ -2,18 +2,20 @@
 //! stay in this module; the training loop sees [`Reporter`](crate::train::Reporter) and domain
 //! types only.
 
+mod heartbeat;
 mod reporter;
+pub use heartbeat::{heartbeat_loop, HeartbeatTiming, Membership, Signal};
 pub use reporter::GrpcReporter;
 
 use crate::model::DType;
 use crate::precision::Precision;
 use crate::spec::{DatasetSpec, Placement, TrainSpec};
+use crate::train::TrainPhase;
 use ferrotune_data::pack::Overlong;
 use ferrotune_data::record::Format;
 use ferrotune_proto::v1 as pb;
 use ferrotune_proto::v1::coordinator_client::CoordinatorClient;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -46,6 +48,16 @@ impl tonic::service::Interceptor for TokenInterceptor {
 }
 
 type Client = CoordinatorClient<InterceptedService<Channel, TokenInterceptor>>;
+
+/// How a generation ended for this worker, as the coordinator is told.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// None: success.
+    pub error: Option<String>,
+    pub damaged_file: Option<String>,
+    /// The error may pass in a new generation: the worker waits to rejoin.
+    pub retriable: bool,
+}
 
 #[derive(Clone)]
 pub struct Agent {
@@ -130,17 +142,25 @@ impl Agent {
             local_world_size: a.local_world_size as usize,
             generation: a.generation,
             next_peer_address: a.next_peer_address,
+            resume_from: (!a.resume_from.is_empty()).then(|| PathBuf::from(a.resume_from)),
         };
         Ok((placement, spec_from_pb(s)?))
     }
 
-    /// One heartbeat; Ok(Some(reason)) when the coordinator says to abort.
+    /// One heartbeat; Some(signal) when the coordinator says to leave the generation.
     pub async fn heartbeat(
         &self,
         rank: usize,
         generation: u64,
         step: u64,
-    ) -> Result<Option<String>, AgentError> {
+        phase: TrainPhase,
+    ) -> Result<Option<Signal>, AgentError> {
+        let phase = match phase {
+            TrainPhase::Loading => pb::WorkerPhase::Loading,
+            TrainPhase::Training => pb::WorkerPhase::Training,
+            TrainPhase::Eval => pb::WorkerPhase::Eval,
+            TrainPhase::Checkpoint => pb::WorkerPhase::Checkpoint,
+        };
         let r = self
             .client
             .clone()
@@ -148,27 +168,31 @@ impl Agent {
                 rank: rank as u32,
                 generation,
                 step,
+                phase: phase as i32,
             })
             .await?
             .into_inner();
-        Ok((r.command == pb::Command::Abort as i32).then_some(r.reason))
+        Ok(match pb::Command::try_from(r.command) {
+            Ok(pb::Command::Rejoin) => Some(Signal::Rejoin),
+            Ok(pb::Command::Abort) => Some(Signal::Stop(r.reason)),
+            _ => None,
+        })
     }
 
     /// Reports the outcome; gives up after `limit` (the coordinator may be gone).
     pub async fn finish(
         &self,
-        rank: usize,
-        generation: u64,
-        error: Option<String>,
-        damaged_file: Option<String>,
+        placement: &Placement,
+        outcome: &Outcome,
         limit: Duration,
     ) -> Result<(), AgentError> {
         let request = pb::FinishRequest {
-            rank: rank as u32,
-            generation,
-            ok: error.is_none(),
-            error: error.unwrap_or_default(),
-            damaged_file: damaged_file.unwrap_or_default(),
+            rank: placement.rank as u32,
+            generation: placement.generation,
+            ok: outcome.error.is_none(),
+            error: outcome.error.clone().unwrap_or_default(),
+            damaged_file: outcome.damaged_file.clone().unwrap_or_default(),
+            retriable: outcome.retriable,
         };
         match tokio::time::timeout(limit, self.client.clone().finish(request)).await {
             Ok(answer) => answer.map(drop).map_err(AgentError::from),
@@ -234,8 +258,6 @@ fn spec_from_pb(s: pb::TrainingSpec) -> Result<TrainSpec, AgentError> {
             ),
         },
         checkpoint_max_shard_bytes: checkpoint.max_shard_bytes.max(1),
-        resume_from: (!checkpoint.resume_from.is_empty())
-            .then(|| PathBuf::from(&checkpoint.resume_from)),
         activation_checkpointing: model.activation_checkpointing,
         precision: Precision::from_name(&model.precision)
             .ok_or(AgentError::Protocol("spec: unknown precision"))?,
@@ -251,60 +273,4 @@ fn spec_from_pb(s: pb::TrainingSpec) -> Result<TrainSpec, AgentError> {
         bucket_bytes: s.bucket_bytes as usize,
         log_every_steps: s.log_every_steps.max(1) as u64,
     })
-}
-
-pub struct HeartbeatTiming {
-    pub interval: Duration,
-    pub give_up: Duration,
-    pub exit_after: Duration,
-    pub exit_code: i32,
-}
-
-/// Sends heartbeats until the process ends. Flags an abort when the coordinator says so, or
-/// when it has been unreachable for `give_up` (a worker must not outlive its job). A worker
-/// that has not ended `exit_after` after the flag (blocked in a collective with a lost peer, or
-/// in a call to a coordinator that vanished) exits here with `exit_code`.
-pub async fn heartbeat_loop(
-    agent: Agent,
-    placement: Placement,
-    timing: HeartbeatTiming,
-    abort: Arc<Mutex<Option<String>>>,
-    current_step: Arc<std::sync::atomic::AtomicU64>,
-) {
-    let HeartbeatTiming {
-        interval,
-        give_up,
-        exit_after,
-        exit_code,
-    } = timing;
-    let mut last_ok = Instant::now();
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A call over a dead link would otherwise wait for TCP to give up, minutes later.
-    let call_limit = (interval * 2).max(Duration::from_secs(1));
-    let reason = loop {
-        ticker.tick().await;
-        let step = current_step.load(std::sync::atomic::Ordering::Relaxed);
-        let beat = agent.heartbeat(placement.rank, placement.generation, step);
-        let answer = match tokio::time::timeout(call_limit, beat).await {
-            Ok(answer) => answer.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer within {call_limit:?}")),
-        };
-        match answer {
-            Ok(None) => last_ok = Instant::now(),
-            Ok(Some(reason)) => break format!("the coordinator ended the job: {reason}"),
-            Err(e) if last_ok.elapsed() > give_up => {
-                break format!("no contact with the coordinator for {give_up:?}: {e}")
-            }
-            Err(_) => {}
-        }
-    };
-    tracing::warn!("{reason}");
-    if let Ok(mut a) = abort.lock() {
-        *a = Some(reason);
-    }
-    tokio::time::sleep(exit_after).await;
-    tracing::error!("still running {exit_after:?} after being told to stop; exiting");
-    eprintln!("error: stopped by the coordinator, or lost contact with it; exiting");
-    std::process::exit(exit_code);
 }

@@ -5,14 +5,13 @@
 //! so it waits, after the queue ahead of it has drained (the coordinator hears of step N
 //! before it commits step N); so does [`GrpcReporter::flush`], before the final report.
 
-use super::Agent;
+use super::{Agent, Membership, Signal};
 use crate::checkpoint::Staged;
 use crate::spec::Placement;
-use crate::train::{EvalResult, Reporter, StepStats};
+use crate::train::{EvalResult, Reporter, StepStats, TrainPhase};
 use ferrotune_proto::v1 as pb;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,8 +30,7 @@ pub struct GrpcReporter {
     runtime: tokio::runtime::Handle,
     agent: Agent,
     placement: Placement,
-    abort: Arc<Mutex<Option<String>>>,
-    current_step: Arc<AtomicU64>,
+    membership: Arc<Membership>,
     queue: mpsc::UnboundedSender<Queued>,
 }
 
@@ -41,8 +39,7 @@ impl GrpcReporter {
         runtime: tokio::runtime::Handle,
         agent: Agent,
         placement: Placement,
-        abort: Arc<Mutex<Option<String>>>,
-        current_step: Arc<AtomicU64>,
+        membership: Arc<Membership>,
     ) -> GrpcReporter {
         let (queue, pending) = mpsc::unbounded_channel();
         runtime.spawn(send_in_order(agent.clone(), pending));
@@ -50,8 +47,7 @@ impl GrpcReporter {
             runtime,
             agent,
             placement,
-            abort,
-            current_step,
+            membership,
             queue,
         }
     }
@@ -96,7 +92,7 @@ async fn send_in_order(agent: Agent, mut pending: mpsc::UnboundedReceiver<Queued
 
 impl Reporter for GrpcReporter {
     fn step(&self, s: &StepStats) {
-        self.current_step.store(s.step, Ordering::Relaxed);
+        self.membership.set_step(s.step);
         let report = pb::StepReport {
             rank: self.placement.rank as u32,
             generation: self.placement.generation,
@@ -168,6 +164,13 @@ impl Reporter for GrpcReporter {
     }
 
     fn abort_reason(&self) -> Option<String> {
-        self.abort.lock().ok().and_then(|a| a.clone())
+        match self.membership.signal()? {
+            Signal::Rejoin => Some("the group is re-formed after a failure".into()),
+            Signal::Stop(reason) => Some(reason),
+        }
+    }
+
+    fn phase(&self, phase: TrainPhase) {
+        self.membership.set_phase(phase);
     }
 }

@@ -288,6 +288,10 @@ fn run_schedule<T: Element>(
     }
     let steps = 2 * (w - 1);
     for s in 0..steps {
+        if s == 1 {
+            // Half-way through: a neighbour has sent to us and waits for what we owe it.
+            crate::fault::point(crate::fault::Point::AllReduce);
+        }
         let chunk = (rank + 2 * w - s - 1) % w;
         for (x, y) in segments(chunk) {
             // SAFETY: x..y lies inside `buf`, and the sender is not reading it now: its last

@@ -16,6 +16,8 @@ use super::pipeline::{self, Element, Neighbours, Sender};
 use super::{flat, plan_buckets, Collective, CollectiveError, ReduceOp};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::Tensor;
 
@@ -28,6 +30,24 @@ pub struct RingOptions {
     /// Shared secret of the job; a connection that does not present it is dropped.
     pub token: String,
     pub generation: u64,
+    /// Set from another thread to give up connecting at once (the generation has ended).
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// Breaks a ring from another thread: both of its sockets are shut down, so a rank blocked in
+/// a collective (its neighbour frozen or partitioned) returns with an error at once instead of
+/// waiting out the collective timeout.
+#[derive(Debug)]
+pub struct RingAbort {
+    streams: Vec<TcpStream>,
+}
+
+impl RingAbort {
+    pub fn fire(&self) {
+        for s in &self.streams {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 pub struct Ring {
@@ -47,6 +67,8 @@ pub struct Ring {
 struct Link {
     prev: TcpStream,
     sender: Sender,
+    /// Handles on both sockets for [`RingAbort`].
+    handles: Vec<TcpStream>,
 }
 
 fn hello(rank: usize, opts: &RingOptions) -> Vec<u8> {
@@ -114,7 +136,7 @@ impl Ring {
 
         // Dial first and send our hello without waiting: every rank does the same, then accepts,
         // so nobody waits on a neighbour that is itself waiting.
-        let mut next = dial(next_address, next_rank, deadline, opts.timeout)?;
+        let mut next = dial(next_address, next_rank, deadline, opts)?;
         next.write_all(&hello(rank, opts))
             .map_err(|source| CollectiveError::PeerLost {
                 peer: next_rank,
@@ -131,20 +153,40 @@ impl Ring {
         let mut ack = [0u8; 1];
         next.read_exact(&mut ack)
             .map_err(|e| classify(e, next_rank, opts.timeout, "handshake"))?;
-        let sender = Sender::start(next).map_err(|source| CollectiveError::PeerLost {
+        let lost = |source| CollectiveError::PeerLost {
             peer: next_rank,
             during: "starting the sender thread",
             source,
-        })?;
+        };
+        let handles = vec![
+            prev.try_clone().map_err(lost)?,
+            next.try_clone().map_err(lost)?,
+        ];
+        let sender = Sender::start(next).map_err(lost)?;
         Ok(Ring {
             rank,
             world_size,
-            link: Some(Link { prev, sender }),
+            link: Some(Link {
+                prev,
+                sender,
+                handles,
+            }),
             timeout: opts.timeout,
             bucket_elems,
             bucket: Vec::new(),
             scratch: Vec::new(),
         })
+    }
+
+    /// A handle that breaks this ring from another thread; None for a group of one.
+    pub fn abort_handle(&self) -> Option<RingAbort> {
+        let link = self.link.as_ref()?;
+        let streams = link
+            .handles
+            .iter()
+            .filter_map(|s| s.try_clone().ok())
+            .collect();
+        Some(RingAbort { streams })
     }
 
     /// Sums (or averages) `buf` over the ring in place.
@@ -180,12 +222,21 @@ fn classify(
     pipeline::classify(e.kind(), e, peer, timeout, during)
 }
 
+fn cancelled(peer: usize, opts: &RingOptions) -> Option<CollectiveError> {
+    opts.cancel.load(Ordering::Relaxed).then(|| {
+        CollectiveError::Setup(format!(
+            "gave up connecting to rank {peer}: the generation ended"
+        ))
+    })
+}
+
 fn dial(
     address: &str,
     peer: usize,
     deadline: Instant,
-    timeout: Duration,
+    opts: &RingOptions,
 ) -> Result<TcpStream, CollectiveError> {
+    let timeout = opts.timeout;
     let connect_err = |source| CollectiveError::Connect {
         peer,
         address: address.to_string(),
@@ -212,7 +263,12 @@ fn dial(
                 return Ok(stream);
             }
             Err(e) if Instant::now() >= deadline => return Err(connect_err(e)),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => {
+                if let Some(e) = cancelled(peer, opts) {
+                    return Err(e);
+                }
+                std::thread::sleep(Duration::from_millis(20))
+            }
         }
     }
 }
@@ -238,6 +294,9 @@ fn accept(
                 tracing::warn!(%from, "dropped a ring connection that is not rank {peer} of this job");
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if let Some(e) = cancelled(peer, opts) {
+                    return Err(e);
+                }
                 if Instant::now() >= deadline {
                     return Err(CollectiveError::NoIncoming {
                         peer,

@@ -8,6 +8,13 @@ fn params(world_size: u32) -> JobParams {
         failure_grace: Duration::from_secs(1),
         version: "1.2.3".into(),
         tracks_exits: true,
+        rejoin_timeout: Duration::from_secs(30),
+        step_timeout: Duration::from_secs(600),
+        // The failure tests below see the job end; restarts have tests of their own.
+        max_restarts: 0,
+        restarts_done: 0,
+        resume_from: None,
+        earlier_checkpoints: Vec::new(),
     }
 }
 
@@ -61,7 +68,7 @@ fn ranks_are_assigned_once_everyone_registered_ordered_by_host_then_index() {
     // Rank 2's next neighbour wraps around to rank 0.
     assert_eq!(b1.next_peer_address, "hostA:9000");
     assert_eq!(list[0].1.next_peer_address, "hostB:9000");
-    assert!(job.should_continue());
+    assert_eq!(job.heartbeat_answer(1), HeartbeatAnswer::Continue);
 }
 
 #[test]
@@ -89,6 +96,8 @@ fn job_succeeds_when_every_rank_finished_and_exited() {
             .handle(
                 Event::Finished {
                     rank,
+                    generation: 1,
+                    retriable: false,
                     ok: true,
                     error: String::new(),
                     damaged_file: None,
@@ -99,6 +108,7 @@ fn job_succeeds_when_every_rank_finished_and_exited() {
         let actions = job.handle(
             Event::WorkerExited {
                 worker_id: id.into(),
+                code: Some(0),
                 success: true,
                 status: "exited with code 0".into(),
                 last_line: None,
@@ -127,6 +137,8 @@ fn killed_worker_is_blamed_over_the_neighbour_that_lost_it() {
     let a = job.handle(
         Event::Finished {
             rank: 0,
+            generation: 1,
+            retriable: false,
             ok: false,
             error: "lost the connection to rank 1".into(),
             damaged_file: None,
@@ -137,6 +149,7 @@ fn killed_worker_is_blamed_over_the_neighbour_that_lost_it() {
     let a = job.handle(
         Event::WorkerExited {
             worker_id: "w1".into(),
+            code: None,
             success: false,
             status: "was killed by signal 9 (SIGKILL)".into(),
             last_line: Some("step 3".into()),
@@ -165,6 +178,7 @@ fn failure_is_decided_at_once_when_every_worker_is_gone() {
     let a = job.handle(
         Event::WorkerExited {
             worker_id: "w0".into(),
+            code: Some(1),
             success: false,
             status: "exited with code 1".into(),
             last_line: None,
@@ -191,13 +205,18 @@ fn missed_heartbeats_fail_the_job() {
         Event::Heartbeat {
             rank: 0,
             generation: 1,
+            phase: WorkerPhase::Training,
         },
         t0 + Duration::from_secs(9),
     );
     assert!(job
         .handle(Event::Tick, t0 + Duration::from_secs(9))
         .is_empty());
-    let a = job.handle(Event::Tick, t0 + Duration::from_secs(11));
+    // Recorded at 11 s; decided after the grace period (other reports may explain it).
+    assert!(job
+        .handle(Event::Tick, t0 + Duration::from_secs(11))
+        .is_empty());
+    let a = job.handle(Event::Tick, t0 + Duration::from_millis(12_100));
     match &a[..] {
         [Action::StopWorkers { reason }, Action::Done(Outcome::Failed { .. })] => {
             assert!(
@@ -217,11 +236,13 @@ fn heartbeats_of_another_generation_do_not_count() {
         Event::Heartbeat {
             rank: 0,
             generation: 99,
+            phase: WorkerPhase::Training,
         },
         t0 + Duration::from_secs(9),
     );
+    job.handle(Event::Tick, t0 + Duration::from_secs(11));
     assert!(!job
-        .handle(Event::Tick, t0 + Duration::from_secs(11))
+        .handle(Event::Tick, t0 + Duration::from_millis(12_100))
         .is_empty());
 }
 
@@ -245,6 +266,7 @@ fn only_rank_zero_staging_is_committed_and_interrupt_stops() {
     let mut job = running(2, t0);
     let ready = |rank| Event::CheckpointReady {
         rank,
+        generation: 1,
         step: 4,
         staging_dir: "/c/.staging-x".into(),
         is_final: false,
@@ -277,7 +299,10 @@ fn only_rank_zero_staging_is_committed_and_interrupt_stops() {
             Action::Done(Outcome::Interrupted)
         ]
     ));
-    assert!(!job.should_continue());
+    assert_eq!(
+        job.heartbeat_answer(1),
+        HeartbeatAnswer::Stop("the job is stopping".into())
+    );
     assert!(
         job.handle(Event::Tick, t0).is_empty(),
         "a finished job ignores further events"
@@ -319,6 +344,8 @@ fn without_exit_reports_finishing_ranks_decide_success() {
     assignments(&job.handle(worker("b", "h2", 0), t0));
     let finish = |rank| Event::Finished {
         rank,
+        generation: 1,
+        retriable: false,
         ok: true,
         error: String::new(),
         damaged_file: None,
@@ -338,6 +365,8 @@ fn a_reported_failure_names_rank_worker_and_host() {
     job.handle(worker("b", "node-b", 0), t0);
     let failed = Event::Finished {
         rank: 1,
+        generation: 1,
+        retriable: false,
         ok: false,
         error: "host node-b cannot read data.train /x".into(),
         damaged_file: None,
@@ -379,6 +408,8 @@ fn live_ranks_leave_out_the_finished_the_failed_and_the_silent() {
     job.handle(
         Event::Finished {
             rank: 0,
+            generation: 1,
+            retriable: false,
             ok: true,
             error: String::new(),
             damaged_file: None,
@@ -388,6 +419,8 @@ fn live_ranks_leave_out_the_finished_the_failed_and_the_silent() {
     job.handle(
         Event::Finished {
             rank: 1,
+            generation: 1,
+            retriable: false,
             ok: false,
             error: "boom".into(),
             damaged_file: None,
@@ -399,6 +432,7 @@ fn live_ranks_leave_out_the_finished_the_failed_and_the_silent() {
         Event::Heartbeat {
             rank: 2,
             generation: 1,
+            phase: WorkerPhase::Training,
         },
         later,
     );

@@ -1,0 +1,176 @@
+//! Heartbeats, and what they bring back: the coordinator's word that this worker's generation
+//! has ended (rejoin) or that the job is over (stop). Either breaks the collective at once, so
+//! that a rank blocked on a frozen or partitioned neighbour does not wait out its timeout.
+
+use super::Agent;
+use crate::collective::ring::RingAbort;
+use crate::train::TrainPhase;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Why this worker leaves its generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signal {
+    /// The group is re-formed: register again (the process stays, warm).
+    Rejoin,
+    /// The job is over, or the coordinator is gone: exit.
+    Stop(String),
+}
+
+#[derive(Default)]
+struct State {
+    /// (rank, generation) while this worker belongs to one; None while it registers.
+    current: Option<(usize, u64)>,
+    signal: Option<Signal>,
+    ring: Option<RingAbort>,
+    cancel_connect: Option<Arc<AtomicBool>>,
+}
+
+/// What the generation loop (`session`) and the heartbeat task share.
+#[derive(Default)]
+pub struct Membership {
+    state: Mutex<State>,
+    changed: Condvar,
+    phase: AtomicU8,
+    step: AtomicU64,
+}
+
+impl Membership {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Enters a generation: heartbeats carry its rank and number from now on.
+    pub fn join(&self, rank: usize, generation: u64, cancel_connect: Arc<AtomicBool>) {
+        let mut s = self.lock();
+        s.current = Some((rank, generation));
+        s.signal = None;
+        s.ring = None;
+        s.cancel_connect = Some(cancel_connect);
+        self.set_phase(TrainPhase::Loading);
+    }
+
+    /// The collective of this generation, to break when it ends. If it already has, at once.
+    pub fn set_ring(&self, ring: Option<RingAbort>) {
+        let mut s = self.lock();
+        if s.signal.is_some() {
+            if let Some(r) = &ring {
+                r.fire();
+            }
+        }
+        s.ring = ring;
+    }
+
+    /// Leaves the generation (to register for the next one): no heartbeats meanwhile.
+    pub fn leave(&self) {
+        let mut s = self.lock();
+        s.current = None;
+        s.ring = None;
+        s.cancel_connect = None;
+    }
+
+    pub fn signal(&self) -> Option<Signal> {
+        self.lock().signal.clone()
+    }
+
+    /// Waits up to `limit` for the coordinator's word.
+    pub fn wait_signal(&self, limit: Duration) -> Option<Signal> {
+        let s = self.lock();
+        let (s, _) = self
+            .changed
+            .wait_timeout_while(s, limit, |s| s.signal.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        s.signal.clone()
+    }
+
+    /// Records `signal` (a stop outranks a rejoin) and breaks the collective.
+    fn raise(&self, signal: Signal) {
+        let mut s = self.lock();
+        if matches!(s.signal, Some(Signal::Stop(_))) || s.signal.as_ref() == Some(&signal) {
+            return;
+        }
+        s.signal = Some(signal);
+        if let Some(r) = &s.ring {
+            r.fire();
+        }
+        if let Some(c) = &s.cancel_connect {
+            c.store(true, Ordering::Relaxed);
+        }
+        self.changed.notify_all();
+    }
+
+    pub fn set_phase(&self, phase: TrainPhase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    pub fn set_step(&self, step: u64) {
+        self.step.store(step, Ordering::Relaxed);
+    }
+
+    fn phase(&self) -> TrainPhase {
+        TrainPhase::from_u8(self.phase.load(Ordering::Relaxed))
+    }
+}
+
+pub struct HeartbeatTiming {
+    pub interval: Duration,
+    pub give_up: Duration,
+    pub exit_after: Duration,
+    pub exit_code: i32,
+}
+
+/// Sends heartbeats for the life of the process. A "rejoin" answer ends this worker's
+/// generation; a "stop" answer, or a coordinator unreachable for `give_up` (a worker must not
+/// outlive its job), ends the process: one that has not ended `exit_after` later (blocked in a
+/// call to a coordinator that vanished) exits here with `exit_code`.
+pub async fn heartbeat_loop(agent: Agent, membership: Arc<Membership>, timing: HeartbeatTiming) {
+    let HeartbeatTiming {
+        interval,
+        give_up,
+        exit_after,
+        exit_code,
+    } = timing;
+    let mut last_ok = Instant::now();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A call over a dead link would otherwise wait for TCP to give up, minutes later.
+    let call_limit = (interval * 2).max(Duration::from_secs(1));
+    let reason = loop {
+        ticker.tick().await;
+        let Some((rank, generation)) = membership.lock().current else {
+            // Registering: that call itself fails when the coordinator is gone.
+            last_ok = Instant::now();
+            continue;
+        };
+        let step = membership.step.load(Ordering::Relaxed);
+        let beat = agent.heartbeat(rank, generation, step, membership.phase());
+        let answer = match tokio::time::timeout(call_limit, beat).await {
+            Ok(answer) => answer.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {call_limit:?}")),
+        };
+        match answer {
+            Ok(None) => last_ok = Instant::now(),
+            Ok(Some(Signal::Rejoin)) => {
+                last_ok = Instant::now();
+                if membership.signal().is_none() {
+                    tracing::warn!(generation, "the coordinator re-forms the group: leaving generation {generation} to rejoin");
+                    membership.raise(Signal::Rejoin);
+                }
+            }
+            Ok(Some(Signal::Stop(reason))) => {
+                break format!("the coordinator ended the job: {reason}")
+            }
+            Err(e) if last_ok.elapsed() > give_up => {
+                break format!("no contact with the coordinator for {give_up:?}: {e}")
+            }
+            Err(_) => {}
+        }
+    };
+    tracing::warn!("{reason}");
+    membership.raise(Signal::Stop(reason));
+    tokio::time::sleep(exit_after).await;
+    tracing::error!("still running {exit_after:?} after being told to stop; exiting");
+    eprintln!("error: stopped by the coordinator, or lost contact with it; exiting");
+    std::process::exit(exit_code);
+}
