@@ -145,6 +145,8 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                     .collect(),
                 None => Vec::new(),
             },
+            grad_accum_steps: config.grad_accum_steps,
+            min_workers: config.cluster.min_workers,
         },
         Instant::now(),
     );
@@ -326,6 +328,13 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                             ));
                         });
                     }
+                    Action::Shrink {
+                        from,
+                        to,
+                        grad_accum_steps: (before, after),
+                    } => progress.message(format!(
+                        "continuing on {to} of {from} workers: the lost ones did not come back within cluster.rejoin_timeout_s; the global batch stays the same (gradient accumulation {before} -> {after}), so from here the run equals one on {to} workers"
+                    )),
                     Action::Progress(m) => progress.step(&m),
                     Action::Eval(m) => progress.eval(&m),
                     Action::Commit {

@@ -180,6 +180,7 @@ impl Coordinator for Service {
                     next_peer_address: a.next_peer_address,
                     backend: pb::CollectiveBackend::TcpRing as i32,
                     resume_from: a.resume_from.unwrap_or_default(),
+                    grad_accum_steps: a.grad_accum_steps,
                 }),
                 spec: Some(self.spec.clone()),
             })),

@@ -233,7 +233,8 @@ fn a_host_that_cannot_see_the_shared_storage_fails_naming_host_and_path() {
         train.display()
     );
     assert!(err.contains(&expected), "{err}");
-    assert_eq!(a.wait(Duration::from_secs(20)).code(), Some(1));
+    // Exit code 2: permanent, a new attempt on this host would fail the same way.
+    assert_eq!(a.wait(Duration::from_secs(20)).code(), Some(2));
     assert!(a.stderr_text().contains("host node-a cannot read"));
     let left = wait_no_tagged(&tag, Duration::from_secs(20));
     assert!(left.is_empty(), "processes left behind: {left:?}");

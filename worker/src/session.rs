@@ -34,7 +34,7 @@ pub fn run(
     let membership = Arc::new(Membership::default());
     let mut heartbeats_started = false;
     loop {
-        let (placement, spec) = runtime.block_on(agent.register(me)).map_err(|e| {
+        let (placement, mut spec) = runtime.block_on(agent.register(me)).map_err(|e| {
             let code = match &e {
                 AgentError::Rpc(s) if s.code() == tonic::Code::Unauthenticated => EXIT_REFUSED,
                 AgentError::Rpc(s) if s.code() == tonic::Code::Unavailable => EXIT_ABORTED,
@@ -54,6 +54,10 @@ pub fn run(
             host = %me.host,
             "joined the job"
         );
+        if let Some(accum) = placement.grad_accum_steps {
+            // A smaller group keeps the global batch.
+            spec.grad_accum_steps = accum;
+        }
         if !heartbeats_started {
             heartbeats_started = true;
             set_threads(&spec, &placement);

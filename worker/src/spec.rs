@@ -19,6 +19,9 @@ pub struct Placement {
     /// The committed checkpoint this generation starts from (None: the model). After a
     /// restart it is the newest intact one, whatever the job was launched with.
     pub resume_from: Option<std::path::PathBuf>,
+    /// This generation's gradient accumulation when the coordinator changed it (a smaller
+    /// group keeps the global batch); None: the spec's.
+    pub grad_accum_steps: Option<usize>,
 }
 
 #[derive(Debug, Clone)]

@@ -98,6 +98,8 @@ pub(super) struct ClusterSection {
     step_timeout_s: Spanned<f64>,
     #[serde(default)]
     resume: Option<Spanned<ResumeSetting>>,
+    #[serde(default)]
+    min_workers: Option<Spanned<u32>>,
 }
 
 /// `resume: auto` continues from the newest committed checkpoint when there is one (a
@@ -176,6 +178,8 @@ pub struct ClusterConfig {
     /// How long the workers may train without reporting a step before the group is re-formed.
     pub step_timeout: Duration,
     pub resume: ResumeSetting,
+    /// The fewest workers the job continues on when lost ones do not come back (default: all).
+    pub min_workers: u32,
 }
 
 impl Checks<'_> {
@@ -243,6 +247,24 @@ impl Checks<'_> {
         let bucket_mb = self.finite_at_least(&c.bucket_mb, "cluster.bucket_mb", 0.0, true);
         let rejoin_timeout = self.seconds(&c.rejoin_timeout_s, "cluster.rejoin_timeout_s");
         let step_timeout = self.seconds(&c.step_timeout_s, "cluster.step_timeout_s");
+        let min_workers = match &c.min_workers {
+            None => world_size,
+            // `world_size: auto` is resolved at launch; `validate` cannot compare.
+            Some(m) if world_size_deferred && m.value >= 1 => m.value,
+            Some(m) if m.value >= 1 && m.value <= world_size => m.value,
+            Some(m) => {
+                self.push(
+                    m,
+                    "cluster.min_workers",
+                    format!(
+                        "must be between 1 and cluster.world_size ({world_size}), got {}",
+                        m.value
+                    ),
+                    "set the fewest workers the job may continue on, or leave it out to require all of them",
+                );
+                world_size
+            }
+        };
         ClusterConfig {
             launcher: c.launcher,
             world_size,
@@ -267,6 +289,7 @@ impl Checks<'_> {
             rejoin_timeout,
             step_timeout,
             resume: c.resume.as_ref().map(|r| r.value).unwrap_or_default(),
+            min_workers,
         }
     }
 

@@ -28,6 +28,9 @@ pub struct Assignment {
     pub next_peer_address: String,
     /// The committed checkpoint this generation starts from; None: the model.
     pub resume_from: Option<String>,
+    /// Micro-batches per rank and step: raised when the group shrinks, so that the global
+    /// batch stays the same.
+    pub grad_accum_steps: u32,
 }
 
 /// What a worker is doing, from its heartbeats: the progress watchdog only counts time in which
@@ -153,6 +156,13 @@ pub enum Action {
     ChooseResumePoint {
         candidates: Vec<String>,
         set_aside: Option<(String, String)>,
+    },
+    /// The lost workers did not come back: the job continues on `to` workers with the same
+    /// global batch.
+    Shrink {
+        from: u32,
+        to: u32,
+        grad_accum_steps: (u32, u32),
     },
     /// Stop all workers (failure or interruption) and wait until every process is gone.
     StopWorkers {

@@ -181,6 +181,9 @@ impl Job {
         if !retriable {
             return self.fail(reason);
         }
+        if self.params.max_restarts == 0 {
+            return self.fail(reason);
+        }
         if self.restarts >= self.params.max_restarts {
             let max = self.params.max_restarts;
             return self.fail(format!(
@@ -254,5 +257,33 @@ impl Job {
             candidates: self.committed.iter().rev().cloned().collect(),
             set_aside,
         }]
+    }
+
+    /// After the rejoin timeout: continue on the workers that are back, if at least
+    /// `min_workers` are and the global batch divides among them. None: it cannot.
+    pub(super) fn shrink(&mut self, now: Instant) -> Option<Vec<Action>> {
+        let back = self.members.len() as u32;
+        if back < self.params.min_workers.max(1) || back >= self.world_size {
+            return None;
+        }
+        // Micro-batches per step over the whole group: what every world size must share.
+        let micro_batches = self.world_size * self.grad_accum_steps;
+        if !micro_batches.is_multiple_of(back) {
+            let reason = format!(
+                "only {back} of {} workers came back, and the global batch ({micro_batches} micro-batches per step) does not divide among {back}; set cluster.min_workers to a size that divides it, or training.grad_accum_steps so that it does",
+                self.world_size
+            );
+            return Some(self.fail(reason));
+        }
+        let from = (self.world_size, self.grad_accum_steps);
+        self.world_size = back;
+        self.grad_accum_steps = micro_batches / back;
+        let mut actions = vec![Action::Shrink {
+            from: from.0,
+            to: back,
+            grad_accum_steps: (from.1, self.grad_accum_steps),
+        }];
+        actions.extend(self.maybe_assign(now));
+        Some(actions)
     }
 }

@@ -87,11 +87,19 @@ pub struct JobParams {
     /// Earlier checkpoints of the same run (oldest first), for a restart to fall back to when
     /// `resume_from` turns out damaged.
     pub earlier_checkpoints: Vec<String>,
+    /// Gradient accumulation at the full world size: with it, the global batch that a smaller
+    /// group must keep.
+    pub grad_accum_steps: u32,
+    /// The fewest workers the job may continue on when lost ones do not come back.
+    pub min_workers: u32,
 }
 
 #[derive(Debug)]
 pub struct Job {
     params: JobParams,
+    /// Workers per generation: `params.world_size` unless the job had to shrink.
+    world_size: u32,
+    grad_accum_steps: u32,
     phase: Phase,
     generation: u64,
     /// When the current rendezvous began (its deadline counts from here).
@@ -132,6 +140,8 @@ impl Job {
         let mut committed = params.earlier_checkpoints.clone();
         committed.extend(params.resume_from.iter().cloned());
         Job {
+            world_size: params.world_size,
+            grad_accum_steps: params.grad_accum_steps,
             phase: Phase::Rendezvous,
             generation: 1,
             rendezvous_started: now,
@@ -346,12 +356,12 @@ impl Job {
                 reason: "the job is not accepting registrations (rendezvous is over)".into(),
             }];
         }
-        if self.members.len() as u32 >= self.params.world_size
+        if self.members.len() as u32 >= self.world_size
             && !self.members.contains_key(&info.worker_id)
         {
             return vec![Action::Reject {
                 worker_id: info.worker_id,
-                reason: format!("the job already has its {} workers", self.params.world_size),
+                reason: format!("the job already has its {} workers", self.world_size),
             }];
         }
         self.members
@@ -366,7 +376,7 @@ impl Job {
             && self.failures.is_empty()
             && self.resume_point_wanted.is_none()
             && !self.resume_point_asked
-            && self.members.len() as u32 == self.params.world_size;
+            && self.members.len() as u32 == self.world_size;
         if !ready {
             return Vec::new();
         }
@@ -404,12 +414,13 @@ impl Job {
                 id.clone(),
                 Assignment {
                     rank: rank as u32,
-                    world_size: self.params.world_size,
+                    world_size: self.world_size,
                     local_rank: local_ranks[rank],
                     local_world_size: per_host[&member.info.host],
                     generation: self.generation,
                     next_peer_address: peers[(rank + 1) % peers.len()].clone(),
                     resume_from: self.resume_from.clone(),
+                    grad_accum_steps: self.grad_accum_steps,
                 },
             ));
         }
@@ -428,10 +439,15 @@ impl Job {
                     (self.params.rejoin_timeout, "registered again")
                 };
                 if now.duration_since(self.rendezvous_started) > limit {
+                    if self.generation > 1 {
+                        if let Some(actions) = self.shrink(now) {
+                            return actions;
+                        }
+                    }
                     let mut reason = format!(
                         "only {} of {} workers {what} within {limit:?}",
                         self.members.len(),
-                        self.params.world_size,
+                        self.world_size,
                     );
                     let missing: Vec<&str> = self
                         .previous
@@ -469,7 +485,7 @@ impl Job {
 
     fn check_complete(&mut self) -> Vec<Action> {
         let tracks_exits = self.params.tracks_exits;
-        let all = self.members.len() as u32 == self.params.world_size
+        let all = self.members.len() as u32 == self.world_size
             && self
                 .members
                 .values()

@@ -17,6 +17,8 @@ fn params(world_size: u32, max_restarts: u32) -> JobParams {
         restarts_done: 0,
         resume_from: None,
         earlier_checkpoints: Vec::new(),
+        grad_accum_steps: 2,
+        min_workers: world_size,
     }
 }
 
@@ -382,6 +384,51 @@ fn workers_that_do_not_come_back_end_the_job_naming_them() {
                 "{reason}"
             );
             assert!(reason.ends_with("missing: w1"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_group_that_lost_workers_for_good_shrinks_keeping_the_global_batch() {
+    let t0 = Instant::now();
+    let mut p = params(3, 3);
+    p.min_workers = 2;
+    let mut job = start(p.clone(), t0);
+    job.handle(killed("w2"), t0);
+    let t1 = t0 + Duration::from_millis(1100);
+    job.handle(Event::Tick, t1);
+    job.handle(Event::ResumePointChosen { path: None }, t1);
+    job.handle(register("w0", 0), t1);
+    job.handle(register("w1", 1), t1);
+    let a = job.handle(Event::Tick, t1 + Duration::from_secs(31));
+    match &a[..] {
+        [Action::Shrink {
+            from: 3,
+            to: 2,
+            grad_accum_steps: (2, 3),
+        }, Action::Assign(list)] => {
+            assert_eq!(list.len(), 2);
+            assert!(list
+                .iter()
+                .all(|(_, a)| a.world_size == 2 && a.grad_accum_steps == 3));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // 3 × 1 micro-batches per step do not divide among the 2 left: refused, saying why.
+    let mut p = params(3, 3);
+    p.min_workers = 1;
+    p.grad_accum_steps = 1;
+    let mut job = start(p, t0);
+    job.handle(killed("w2"), t0);
+    job.handle(Event::Tick, t1);
+    job.handle(Event::ResumePointChosen { path: None }, t1);
+    job.handle(register("w0", 0), t1);
+    job.handle(register("w1", 1), t1);
+    match &job.handle(Event::Tick, t1 + Duration::from_secs(31))[..] {
+        [_, Action::Done(Outcome::Failed { reason })] => {
+            assert!(reason.contains("does not divide among 2"), "{reason}")
         }
         other => panic!("{other:?}"),
     }

@@ -15,6 +15,8 @@ fn params(world_size: u32) -> JobParams {
         restarts_done: 0,
         resume_from: None,
         earlier_checkpoints: Vec::new(),
+        grad_accum_steps: 2,
+        min_workers: world_size,
     }
 }
 

@@ -143,6 +143,7 @@ impl Agent {
             generation: a.generation,
             next_peer_address: a.next_peer_address,
             resume_from: (!a.resume_from.is_empty()).then(|| PathBuf::from(a.resume_from)),
+            grad_accum_steps: (a.grad_accum_steps > 0).then_some(a.grad_accum_steps as usize),
         };
         Ok((placement, spec_from_pb(s)?))
     }
