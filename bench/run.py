@@ -9,7 +9,7 @@ shape through `add_figure`.
 
 usage: python bench/run.py [--quick] [--check] [--only GROUP ...]
   --quick  one round, few iterations, a tiny model, 256 simulated workers (make test runs this)
-  --only   allreduce, train_step, ddp_overhead and/or control_plane (default: all); the JSON
+  --only   allreduce, train_step, ddp_overhead, control_plane and/or elastic (default: all); the JSON
            then holds those
   --check  fail unless every figure is present, finite, and each peer reference came from a
            real torch process
@@ -33,6 +33,7 @@ BIN = os.path.join(ROOT, "target", "release")
 OUT = os.path.join(ROOT, "target", "bench")
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from train_step import CONFIG as TRAIN_CONFIG  # noqa: E402  (the one bench model shape)
+import elastic  # noqa: E402
 
 # Goals from the benchmark issue, for figures whose reference is not a peer.
 RENDEZVOUS_GOAL_S = 1.0
@@ -42,8 +43,10 @@ figures = {}
 
 
 def add_figure(name, ours_rounds, reference_rounds, unit, higher_is_better, goal=None,
-               source=None, detail=None):
-    """ours/reference are medians over rounds; with a goal, reference is the goal itself."""
+               source=None, detail=None, kind=None):
+    """ours/reference are medians over rounds; with a goal, reference is the goal itself.
+    kind "baseline": the reference is ferrotune doing it the plain way (a cold restart, a
+    synchronous save), measured in the same run."""
     ours = statistics.median(ours_rounds)
     reference = goal if goal is not None else statistics.median(reference_rounds)
     ratio = ours / reference if higher_is_better else reference / ours
@@ -55,7 +58,7 @@ def add_figure(name, ours_rounds, reference_rounds, unit, higher_is_better, goal
         "rounds": ours_rounds,
         "reference_rounds": reference_rounds,
         "spread": [min(ours_rounds), max(ours_rounds)],
-        "reference_kind": "goal" if goal is not None else "peer",
+        "reference_kind": "goal" if goal is not None else (kind or "peer"),
         "reference_source": source,
         **({"detail": detail} if detail else {}),
     }
@@ -345,7 +348,8 @@ def markdown(limit, quick):
 
 def check():
     expected = ["allreduce_1mib_2ranks", "allreduce_16mib_2ranks", "allreduce_64mib_2ranks",
-                "allreduce_64mib_3ranks", "train_step", "ddp_overhead", "rendezvous_256", "heartbeat_p99_256"]
+                "allreduce_64mib_3ranks", "train_step", "ddp_overhead", "rendezvous_256", "heartbeat_p99_256",
+                "recovery", "checkpoint_stall", "resume_step_10000"]
     problems = [f"missing figure {n}" for n in expected if n not in figures]
     for name, f in figures.items():
         for key in ["ours", "reference", "ratio"]:
@@ -362,7 +366,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--check", action="store_true")
-    groups = ["allreduce", "train_step", "ddp_overhead", "control_plane"]
+    groups = ["allreduce", "train_step", "ddp_overhead", "control_plane", "elastic"]
     ap.add_argument("--only", nargs="+", choices=groups, default=groups)
     args = ap.parse_args()
     started = time.time()
@@ -373,6 +377,8 @@ def main():
         bench_ddp_overhead(args)
     if "control_plane" in args.only:
         bench_control_plane(args)
+    if "elastic" in args.only:
+        elastic.run_all(args, add_figure)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "results.json"), "w") as f:
         json.dump(figures, f, indent=2)

@@ -185,7 +185,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                 let CommitDone { step, is_final, result, writer } = done;
                 if let Ok(path) = &result {
                     let timing = match timings.remove(&step) {
-                        Some((stall, write)) => format!(" (training held up {stall:.2} s; written in the background in {write:.2} s)"),
+                        Some((stall, write)) => format!(" (training held up {stall:.3} s; written in the background in {write:.2} s)"),
                         None => String::new(),
                     };
                     progress.message(format!("checkpoint step {step} committed: {}{timing}", path.display()));

@@ -30,27 +30,79 @@ pub struct Snapshot {
     pub chat_template: Option<String>,
 }
 
+/// The memory of a written snapshot, handed back by the writer so that the next snapshot
+/// copies into it: gigabytes freshly allocated at every checkpoint cost page faults (the
+/// kernel zeroing every page) that a reused buffer does not, and those were most of the stall.
+pub struct Buffers {
+    params: Vec<(String, Tensor)>,
+    optimizer: Vec<(String, Tensor)>,
+}
+
+impl Buffers {
+    /// Memory for a snapshot of this model and optimizer, touched now: allocated while the
+    /// job loads rather than at its first checkpoint.
+    pub fn like(model: &LoadedModel, optimizer: &AdamW) -> Buffers {
+        Buffers {
+            params: copy_into(model.named_parameters(), None),
+            optimizer: copy_into(optimizer.state_tensors(), None),
+        }
+    }
+}
+
 impl Snapshot {
+    /// Copies the training state, into `reuse` where it has the same tensors.
     pub fn take(
         model: &LoadedModel,
         optimizer: &AdamW,
         state: TrainerState,
         chat_template: Option<&str>,
+        reuse: Option<Buffers>,
     ) -> Snapshot {
-        let optimizer = tch::no_grad(|| {
-            optimizer
-                .state_tensors()
-                .into_iter()
-                .map(|(name, t)| (name, t.copy()))
-                .collect()
-        });
+        let (params, moments) = match reuse {
+            Some(b) => (Some(b.params), Some(b.optimizer)),
+            None => (None, None),
+        };
+        let optimizer = copy_into(optimizer.state_tensors(), moments);
         Snapshot {
-            model: model.snapshot(),
+            model: ModelFiles {
+                config: model.config.clone(),
+                params: copy_into(model.named_parameters(), params),
+            },
             optimizer,
             state,
             chat_template: chat_template.map(String::from),
         }
     }
+
+    fn into_buffers(self) -> Buffers {
+        Buffers {
+            params: self.model.params,
+            optimizer: self.optimizer,
+        }
+    }
+}
+
+/// Copies of `live`, written into `reuse` when it holds the same names and shapes.
+fn copy_into(
+    live: Vec<(String, Tensor)>,
+    reuse: Option<Vec<(String, Tensor)>>,
+) -> Vec<(String, Tensor)> {
+    let fits = |r: &Vec<(String, Tensor)>| {
+        r.len() == live.len()
+            && r.iter().zip(&live).all(|((rn, rt), (ln, lt))| {
+                rn == ln && rt.size() == lt.size() && rt.kind() == lt.kind()
+            })
+    };
+    let reuse = reuse.filter(fits);
+    tch::no_grad(|| match reuse {
+        Some(mut buffers) => {
+            for ((_, dst), (_, src)) in buffers.iter_mut().zip(&live) {
+                dst.copy_(src);
+            }
+            buffers
+        }
+        None => live.into_iter().map(|(n, t)| (n, t.copy())).collect(),
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,9 +248,15 @@ const TEST_DELAY_ENV: &str = "FERROTUNE_TEST_CHECKPOINT_DELAY_MS";
 /// snapshot and goes on; the next checkpoint waits only if this one is still being written.
 /// Dropping the writer waits for the write in flight (a half-written staging directory is
 /// never a checkpoint, but a finished one is worth keeping for the commit).
+/// What the writer thread hands back: the staged checkpoint (or why not), and the snapshot's
+/// memory for the next one.
+type Written = (Result<Staged, String>, Option<Buffers>);
+
 #[derive(Default)]
 pub struct Writer {
-    running: Option<std::thread::JoinHandle<Result<Staged, String>>>,
+    running: Option<std::thread::JoinHandle<Written>>,
+    /// The last written snapshot's memory, for the next one.
+    spare: Option<Buffers>,
 }
 
 impl Writer {
@@ -225,11 +283,21 @@ impl Writer {
     /// Waits for the write in flight, if there is one.
     pub fn wait(&mut self) -> Option<Result<Staged, String>> {
         let handle = self.running.take()?;
-        Some(
-            handle
-                .join()
-                .unwrap_or_else(|_| Err("the checkpoint writer panicked".into())),
-        )
+        let (result, buffers) = handle
+            .join()
+            .unwrap_or_else(|_| (Err("the checkpoint writer panicked".into()), None));
+        self.spare = buffers;
+        Some(result)
+    }
+
+    /// Memory for the first snapshot (see [`Buffers::like`]).
+    pub fn prepare(&mut self, buffers: Buffers) {
+        self.spare = Some(buffers);
+    }
+
+    /// The memory of the last written snapshot, to copy the next one into.
+    pub fn take_spare(&mut self) -> Option<Buffers> {
+        self.spare.take()
     }
 }
 
@@ -243,19 +311,36 @@ impl Drop for Writer {
     }
 }
 
-fn write(job: WriteJob) -> Result<Staged, String> {
+fn write(job: WriteJob) -> Written {
+    let WriteJob {
+        root,
+        rank,
+        snapshot,
+        model_src,
+        save,
+        is_final,
+        stall_seconds,
+    } = job;
     let started = std::time::Instant::now();
-    let step = job.snapshot.state.step;
-    let dir = write_staging(
-        &job.root,
-        job.rank,
-        &job.snapshot,
-        &job.model_src,
-        &job.save,
+    let step = snapshot.state.step;
+    let written = write_staging(&root, rank, &snapshot, &model_src, &save);
+    (
+        written
+            .map_err(|e| e.to_string())
+            .and_then(|dir| finish_write(dir, step, is_final, stall_seconds, started)),
+        Some(snapshot.into_buffers()),
     )
-    .map_err(|e| e.to_string())?;
+}
+
+/// Digests what was staged and says how long the write took.
+fn finish_write(
+    dir: PathBuf,
+    step: u64,
+    is_final: bool,
+    stall_seconds: f64,
+    started: std::time::Instant,
+) -> Result<Staged, String> {
     crate::fault::point_at(crate::fault::Point::CheckpointWrite, step);
-    drop(job.snapshot);
     // The writer digests what it wrote (while it is in the page cache): the coordinator then
     // commits without reading a byte of it, and every later load can verify it.
     let files = digest_tree(&dir).map_err(|e| e.to_string())?;
@@ -267,10 +352,10 @@ fn write(job: WriteJob) -> Result<Staged, String> {
     }
     Ok(Staged {
         step,
-        is_final: job.is_final,
+        is_final,
         dir,
         files,
-        stall_seconds: job.stall_seconds,
+        stall_seconds,
         write_seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -75,8 +75,11 @@ pub fn point_at(point: Point, step: u64) {
     if a.point != point.name() || a.step != step || a.rank != RANK.load(Ordering::Relaxed) {
         return;
     }
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
     let record = format!(
-        "{} rank {} step {} pid {}\n",
+        "{} rank {} step {} pid {} unix_ms {unix_ms}\n",
         point.name(),
         a.rank,
         step,

@@ -293,6 +293,12 @@ pub fn run(
     let flat_grads = FlatGrads::new(&parameters);
     let is_writer = placement.rank == 0;
     let mut writer = checkpoint::Writer::default();
+    let periodic =
+        spec.checkpoint_every_steps > 0 && spec.checkpoint_every_steps < spec.total_steps;
+    if is_writer && periodic {
+        // Paid while loading, not as a stall at the first checkpoint.
+        writer.prepare(checkpoint::Buffers::like(&model, &optimizer));
+    }
     let mut summary = TrainSummary {
         eval_before: None,
         eval_after: None,
@@ -420,7 +426,14 @@ pub fn run(
             reporter.phase(TrainPhase::Checkpoint);
             commit(writer.wait(), reporter)?;
             let snapshot = snapshot(
-                spec, placement, &model, &optimizer, &mixture, &caches, done, lr,
+                spec,
+                placement,
+                &model,
+                &optimizer,
+                &mixture,
+                &caches,
+                (done, lr),
+                writer.take_spare(),
             );
             writer
                 .start(write_job(spec, placement, &model, snapshot, false, stalled))
@@ -449,8 +462,8 @@ pub fn run(
             &optimizer,
             &mixture,
             &caches,
-            spec.total_steps,
-            lr,
+            (spec.total_steps, lr),
+            writer.take_spare(),
         );
         writer
             .start(write_job(spec, placement, &model, snapshot, true, stalled))
@@ -470,8 +483,8 @@ fn snapshot(
     optimizer: &AdamW,
     mixture: &Mixture,
     datasets: &[String],
-    step: u64,
-    lr: f64,
+    (step, lr): (u64, f64),
+    reuse: Option<checkpoint::Buffers>,
 ) -> Snapshot {
     let state = TrainerState {
         step,
@@ -489,7 +502,13 @@ fn snapshot(
         total_steps: spec.total_steps,
         datasets: datasets.to_vec(),
     };
-    Snapshot::take(model, optimizer, state, spec.chat_template.as_deref())
+    Snapshot::take(
+        model,
+        optimizer,
+        state,
+        spec.chat_template.as_deref(),
+        reuse,
+    )
 }
 
 fn write_job(

@@ -414,3 +414,48 @@ fn token_file_is_read_relative_to_the_config_and_trimmed() {
     let i = &issues_for(&text, tmp.path())[0];
     assert!(i.message.contains("holds no usable token"), "{}", i.message);
 }
+
+#[test]
+fn elastic_settings_have_defaults_and_min_workers_is_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = parse(&fixture(tmp.path()), tmp.path()).unwrap();
+    assert_eq!(c.cluster.max_restarts, 3);
+    assert_eq!(c.cluster.rejoin_timeout, Duration::from_secs(120));
+    assert_eq!(c.cluster.step_timeout, Duration::from_secs(600));
+    assert_eq!(
+        c.cluster.min_workers, 2,
+        "all workers unless told otherwise"
+    );
+    assert_eq!(c.cluster.resume, ResumeSetting::Never);
+
+    let set = with_cluster(
+        tmp.path(),
+        "  launcher: local\n  world_size: 4\n  max_restarts: 0\n  min_workers: 2\n  rejoin_timeout_s: 30\n  step_timeout_s: 90\n  resume: auto\n",
+    );
+    let c = parse(&set, tmp.path()).unwrap();
+    assert_eq!(c.cluster.max_restarts, 0);
+    assert_eq!(c.cluster.min_workers, 2);
+    assert_eq!(c.cluster.rejoin_timeout, Duration::from_secs(30));
+    assert_eq!(c.cluster.step_timeout, Duration::from_secs(90));
+    assert_eq!(c.cluster.resume, ResumeSetting::Auto);
+
+    let too_many = with_cluster(
+        tmp.path(),
+        "  launcher: local\n  world_size: 2\n  min_workers: 3\n",
+    );
+    let i = &issues_for(&too_many, tmp.path())[0];
+    assert_eq!((i.field.as_str(), i.line), ("cluster.min_workers", 7));
+    assert!(
+        i.message
+            .contains("between 1 and cluster.world_size (2), got 3"),
+        "{}",
+        i.message
+    );
+
+    let bad_resume = with_cluster(
+        tmp.path(),
+        "  launcher: local\n  world_size: 2\n  resume: always\n",
+    );
+    let i = &issues_for(&bad_resume, tmp.path())[0];
+    assert_eq!(i.line, 7, "{i:?}");
+}

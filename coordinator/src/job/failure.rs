@@ -147,14 +147,22 @@ impl Job {
         self.decide_failure(now)
     }
 
-    /// Once the grace period after the first report has passed (or every worker is gone),
-    /// blames the most severe (then earliest) report, then restarts or fails the job.
+    /// Once the cause is known (a death or silence, every worker gone, or the grace period
+    /// after the first report passed), blames the most severe (then earliest) report, then
+    /// restarts or fails the job.
     pub(super) fn decide_failure(&mut self, now: Instant) -> Vec<Action> {
         let Some(first) = self.failures.iter().map(|f| f.at).min() else {
             return Vec::new();
         };
         let everyone_gone = !self.members.is_empty() && self.members.values().all(|m| m.exited);
-        if now.duration_since(first) < self.params.failure_grace && !everyone_gone {
+        // A process that died (or went silent) is the root cause whatever else is reported:
+        // no need to wait for more. A worker's own report ("lost the connection to rank 1")
+        // is often the echo of such a death, so it waits the grace period for one.
+        let root_cause_known = self.failures.iter().any(|f| f.severity == 2);
+        if now.duration_since(first) < self.params.failure_grace
+            && !everyone_gone
+            && !root_cause_known
+        {
             return Vec::new();
         }
         let cause = self

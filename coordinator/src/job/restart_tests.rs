@@ -91,11 +91,13 @@ fn a_killed_worker_is_replaced_and_the_group_continues_from_the_newest_checkpoin
         [Action::Commit { .. }]
     ));
     job.handle(committed(3), t0);
-    // The survivor's broken ring, then the victim's exit: gathered, then decided.
-    assert!(job.handle(failed(0, 1, true), t0).is_empty());
-    assert!(job.handle(killed("w1"), t0).is_empty());
-    let later = t0 + Duration::from_millis(1100);
-    match &job.handle(Event::Tick, later)[..] {
+    // The survivor's broken ring waits for its cause; the victim's exit is it.
+    assert!(
+        job.handle(failed(0, 1, true), t0).is_empty(),
+        "waits for the cause"
+    );
+    let later = t0 + Duration::from_millis(50);
+    match &job.handle(killed("w1"), later)[..] {
         [Action::Restart {
             generation: 2,
             restart: 1,
@@ -181,8 +183,7 @@ fn the_resume_point_is_chosen_only_after_a_commit_in_flight_has_landed() {
     let t0 = Instant::now();
     let mut job = start(params(2, 3), t0);
     job.handle(ready(0, 1, 3), t0);
-    job.handle(killed("w1"), t0);
-    let a = job.handle(Event::Tick, t0 + Duration::from_millis(1100));
+    let a = job.handle(killed("w1"), t0);
     assert!(matches!(a[..], [Action::Restart { .. }]), "{a:?}");
     match &job.handle(committed(3), t0)[..] {
         [Action::ChooseResumePoint { candidates, .. }] => {
@@ -198,8 +199,7 @@ fn restarts_run_out_for_the_whole_job_counting_earlier_coordinators() {
     let mut p = params(2, 2);
     p.restarts_done = 1;
     let mut job = start(p, t0);
-    job.handle(killed("w1"), t0);
-    let a = job.handle(Event::Tick, t0 + Duration::from_millis(1100));
+    let a = job.handle(killed("w1"), t0);
     assert!(
         matches!(a[..], [Action::Restart { restart: 2, .. }, ..]),
         "{a:?}"
@@ -212,8 +212,7 @@ fn restarts_run_out_for_the_whole_job_counting_earlier_coordinators() {
         "{a:?}"
     );
     let t1 = t0 + Duration::from_secs(2);
-    job.handle(killed("w0"), t1);
-    match &job.handle(Event::Tick, t1 + Duration::from_millis(1100))[..] {
+    match &job.handle(killed("w0"), t1)[..] {
         [Action::StopWorkers { .. }, Action::Done(Outcome::Failed { reason })] => assert!(
             reason.contains("no restart left: 2 of cluster.max_restarts = 2 used"),
             "{reason}"
@@ -237,7 +236,7 @@ fn a_permanent_error_ends_the_job_without_a_restart() {
     ));
 
     let mut job = start(params(2, 3), t0);
-    job.handle(
+    let a = job.handle(
         Event::WorkerExited {
             worker_id: "w0".into(),
             success: false,
@@ -247,7 +246,6 @@ fn a_permanent_error_ends_the_job_without_a_restart() {
         },
         t0,
     );
-    let a = job.handle(Event::Tick, t0 + Duration::from_millis(1100));
     assert!(matches!(
         a[..],
         [
@@ -342,12 +340,9 @@ fn a_new_process_under_a_running_identity_ends_the_generation_and_joins_the_next
     let mut p = params(2, 3);
     p.tracks_exits = false;
     let mut job = start(p, t0);
-    // A restarted pod registers before its predecessor's heartbeats are missed.
-    assert!(
-        job.handle(register("w1", 1), t0).is_empty(),
-        "held, not refused"
-    );
-    let a = job.handle(Event::Tick, t0 + Duration::from_millis(1100));
+    // A restarted pod registers before its predecessor's heartbeats are missed: its
+    // registration is held (not refused) for the generation it starts.
+    let a = job.handle(register("w1", 1), t0);
     match &a[..] {
         [Action::Restart {
             reason, replace, ..
@@ -370,14 +365,12 @@ fn workers_that_do_not_come_back_end_the_job_naming_them() {
     let t0 = Instant::now();
     let mut job = start(params(2, 3), t0);
     job.handle(killed("w1"), t0);
-    let t1 = t0 + Duration::from_millis(1100);
-    job.handle(Event::Tick, t1);
-    job.handle(Event::ResumePointChosen { path: None }, t1);
-    job.handle(register("w0", 0), t1);
+    job.handle(Event::ResumePointChosen { path: None }, t0);
+    job.handle(register("w0", 0), t0);
     assert!(job
-        .handle(Event::Tick, t1 + Duration::from_secs(29))
+        .handle(Event::Tick, t0 + Duration::from_secs(29))
         .is_empty());
-    match &job.handle(Event::Tick, t1 + Duration::from_secs(31))[..] {
+    match &job.handle(Event::Tick, t0 + Duration::from_secs(31))[..] {
         [_, Action::Done(Outcome::Failed { reason })] => {
             assert!(
                 reason.contains("only 1 of 2 workers registered again"),
@@ -396,12 +389,10 @@ fn a_group_that_lost_workers_for_good_shrinks_keeping_the_global_batch() {
     p.min_workers = 2;
     let mut job = start(p.clone(), t0);
     job.handle(killed("w2"), t0);
-    let t1 = t0 + Duration::from_millis(1100);
-    job.handle(Event::Tick, t1);
-    job.handle(Event::ResumePointChosen { path: None }, t1);
-    job.handle(register("w0", 0), t1);
-    job.handle(register("w1", 1), t1);
-    let a = job.handle(Event::Tick, t1 + Duration::from_secs(31));
+    job.handle(Event::ResumePointChosen { path: None }, t0);
+    job.handle(register("w0", 0), t0);
+    job.handle(register("w1", 1), t0);
+    let a = job.handle(Event::Tick, t0 + Duration::from_secs(31));
     match &a[..] {
         [Action::Shrink {
             from: 3,
@@ -422,11 +413,11 @@ fn a_group_that_lost_workers_for_good_shrinks_keeping_the_global_batch() {
     p.grad_accum_steps = 1;
     let mut job = start(p, t0);
     job.handle(killed("w2"), t0);
-    job.handle(Event::Tick, t1);
-    job.handle(Event::ResumePointChosen { path: None }, t1);
-    job.handle(register("w0", 0), t1);
-    job.handle(register("w1", 1), t1);
-    match &job.handle(Event::Tick, t1 + Duration::from_secs(31))[..] {
+    job.handle(Event::Tick, t0);
+    job.handle(Event::ResumePointChosen { path: None }, t0);
+    job.handle(register("w0", 0), t0);
+    job.handle(register("w1", 1), t0);
+    match &job.handle(Event::Tick, t0 + Duration::from_secs(31))[..] {
         [_, Action::Done(Outcome::Failed { reason })] => {
             assert!(reason.contains("does not divide among 2"), "{reason}")
         }

@@ -34,6 +34,11 @@ pub struct Membership {
     changed: Condvar,
     phase: AtomicU8,
     step: AtomicU64,
+    /// Waiting for the coordinator's decision after a failure: heartbeat often, so that the
+    /// "rejoin" is heard within a fraction of the interval.
+    urgent: AtomicBool,
+    /// Cuts the heartbeat loop's current pause short.
+    wake: tokio::sync::Notify,
 }
 
 impl Membership {
@@ -74,13 +79,16 @@ impl Membership {
         self.lock().signal.clone()
     }
 
-    /// Waits up to `limit` for the coordinator's word.
+    /// Waits up to `limit` for the coordinator's word, heartbeating often meanwhile.
     pub fn wait_signal(&self, limit: Duration) -> Option<Signal> {
+        self.urgent.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
         let s = self.lock();
         let (s, _) = self
             .changed
             .wait_timeout_while(s, limit, |s| s.signal.is_none())
             .unwrap_or_else(|e| e.into_inner());
+        self.urgent.store(false, Ordering::Relaxed);
         s.signal.clone()
     }
 
@@ -113,6 +121,9 @@ impl Membership {
     }
 }
 
+/// The heartbeat interval while a decision is awaited.
+const URGENT_INTERVAL: Duration = Duration::from_millis(100);
+
 pub struct HeartbeatTiming {
     pub interval: Duration,
     pub give_up: Duration,
@@ -132,12 +143,21 @@ pub async fn heartbeat_loop(agent: Agent, membership: Arc<Membership>, timing: H
         exit_code,
     } = timing;
     let mut last_ok = Instant::now();
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let fast = interval.min(URGENT_INTERVAL);
     // A call over a dead link would otherwise wait for TCP to give up, minutes later.
     let call_limit = (interval * 2).max(Duration::from_secs(1));
+    let mut next = tokio::time::Instant::now();
     let reason = loop {
-        ticker.tick().await;
+        let pause = if membership.urgent.load(Ordering::Relaxed) {
+            fast
+        } else {
+            interval
+        };
+        next = (next + pause).max(tokio::time::Instant::now());
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = membership.wake.notified() => next = tokio::time::Instant::now(),
+        }
         let Some((rank, generation)) = membership.lock().current else {
             // Registering: that call itself fails when the coordinator is gone.
             last_ok = Instant::now();

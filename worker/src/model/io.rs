@@ -267,21 +267,6 @@ impl LoadedModel {
         params
     }
 
-    /// The weights as they are now, deep-copied: what an asynchronous checkpoint writes while
-    /// training goes on.
-    pub fn snapshot(&self) -> ModelFiles {
-        let params = tch::no_grad(|| {
-            self.named_parameters()
-                .into_iter()
-                .map(|(name, t)| (name, t.copy()))
-                .collect()
-        });
-        ModelFiles {
-            config: self.config.clone(),
-            params,
-        }
-    }
-
     /// The live parameters (shared, not copied) as files to write.
     fn files(&self) -> ModelFiles {
         ModelFiles {
