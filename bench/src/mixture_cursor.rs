@@ -21,7 +21,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let mut mixture = Mixture::new(a.seed, &a.sizes, &a.weights).map_err(anyhow::Error::msg)?;
+    let mut mixture = Mixture::new(a.seed, &a.sizes, &a.weights)?;
     for _ in 0..a.steps {
         mixture.next_slots(a.global_batch);
     }

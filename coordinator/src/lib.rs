@@ -21,9 +21,20 @@ pub mod server;
 
 use std::path::PathBuf;
 
+/// No worker binary to start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerBinaryError {
+    #[error("FERROTUNE_WORKER_BIN={} is not a file", .0.display())]
+    NotAFile(PathBuf),
+    #[error("cannot locate this executable: {0}")]
+    NoExecutable(std::io::Error),
+    #[error("no worker binary at {}: build it with `cargo build --release -p ferrotune-worker`, or set cluster.worker_binary or FERROTUNE_WORKER_BIN", .0.display())]
+    Missing(PathBuf),
+}
+
 /// Where the worker binary is: the config's `cluster.worker_binary`, else `FERROTUNE_WORKER_BIN`,
 /// else `worker` next to this executable (how `cargo build` and the container images lay it out).
-pub fn resolve_worker_binary(config: &config::JobConfig) -> Result<PathBuf, String> {
+pub fn resolve_worker_binary(config: &config::JobConfig) -> Result<PathBuf, WorkerBinaryError> {
     if let Some(p) = &config.cluster.worker_binary {
         return Ok(p.clone());
     }
@@ -32,20 +43,14 @@ pub fn resolve_worker_binary(config: &config::JobConfig) -> Result<PathBuf, Stri
         return if p.is_file() {
             Ok(p)
         } else {
-            Err(format!(
-                "FERROTUNE_WORKER_BIN={} is not a file",
-                p.display()
-            ))
+            Err(WorkerBinaryError::NotAFile(p))
         };
     }
-    let exe = std::env::current_exe().map_err(|e| format!("cannot locate this executable: {e}"))?;
+    let exe = std::env::current_exe().map_err(WorkerBinaryError::NoExecutable)?;
     let sibling = exe.with_file_name("worker");
     if sibling.is_file() {
         Ok(sibling)
     } else {
-        Err(format!(
-            "no worker binary at {}: build it with `cargo build --release -p ferrotune-worker`, or set cluster.worker_binary or FERROTUNE_WORKER_BIN",
-            sibling.display()
-        ))
+        Err(WorkerBinaryError::Missing(sibling))
     }
 }

@@ -2,21 +2,39 @@
 //! and whether this config can continue it exactly. Everything is checked before any worker
 //! starts; the workers then restore weights, optimizer moments, step and data cursor from it.
 
-use crate::checkpoint;
+use crate::checkpoint::{self, MANIFEST};
 use crate::config::JobConfig;
-use ferrotune_data::trainer_state::TrainerState;
+pub use crate::config::Resume;
+use ferrotune_data::trainer_state::{StateFileError, TrainerState};
 use std::path::{Path, PathBuf};
 
 /// `--resume` without a value: the newest committed checkpoint under `checkpoint.dir`.
 pub const LATEST: &str = "latest";
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resume {
-    pub dir: PathBuf,
-    /// Optimizer steps already taken: training continues with step + 1.
-    pub step: u64,
-    /// The training caches the checkpoint was trained on (empty in older checkpoints).
-    pub datasets: Vec<String>,
+/// Why a job cannot continue from the checkpoint asked for; each says what to do instead.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("--resume: no committed checkpoint under {} (a step-N directory with {MANIFEST}); start without --resume, or name a checkpoint directory", dir.display())]
+    NoneCommitted { dir: PathBuf },
+    #[error("--resume: {} is not a committed checkpoint (no {MANIFEST}); name a step-N directory that has one", dir.display())]
+    NotCommitted { dir: PathBuf },
+    #[error("--resume: cannot read {0}; that checkpoint cannot be continued")]
+    State(#[from] StateFileError),
+    #[error("{}: `{field}` is {now}, but {} was trained with {then}; the run would not continue where it stopped. Resume with the same value, or start a new run without --resume", config.display(), checkpoint.display())]
+    Differs {
+        config: PathBuf,
+        checkpoint: PathBuf,
+        field: &'static str,
+        now: String,
+        then: String,
+    },
+    #[error("{}: {} is at step {step}, and `training.steps` is {steps}: nothing is left to train. Raise training.steps to train further", config.display(), checkpoint.display())]
+    NothingLeft {
+        config: PathBuf,
+        checkpoint: PathBuf,
+        step: u64,
+        steps: u64,
+    },
 }
 
 /// The newest committed checkpoint whose files are all there at their manifest's sizes (a
@@ -88,30 +106,18 @@ pub fn choose_restart_point(
 }
 
 /// Resolves `requested` (a checkpoint directory, or [`LATEST`]) against `config`.
-pub fn choose(config: &JobConfig, requested: &str) -> Result<Resume, String> {
+pub fn choose(config: &JobConfig, requested: &str) -> Result<Resume, ResumeError> {
     let dir = if requested == LATEST {
-        match newest_intact(&config.checkpoint_dir) {
-            Some(dir) => dir,
-            None => {
-                return Err(format!(
-                    "--resume: no committed checkpoint under {} (a step-N directory with {}); start without --resume, or name a checkpoint directory",
-                    config.checkpoint_dir.display(),
-                    checkpoint::MANIFEST
-                ))
-            }
-        }
+        newest_intact(&config.checkpoint_dir).ok_or_else(|| ResumeError::NoneCommitted {
+            dir: config.checkpoint_dir.clone(),
+        })?
     } else {
         PathBuf::from(requested)
     };
-    if !dir.join(checkpoint::MANIFEST).is_file() {
-        return Err(format!(
-            "--resume: {} is not a committed checkpoint (no {}); name a step-N directory that has one",
-            dir.display(),
-            checkpoint::MANIFEST
-        ));
+    if !dir.join(MANIFEST).is_file() {
+        return Err(ResumeError::NotCommitted { dir });
     }
-    let saved = TrainerState::read(&dir)
-        .map_err(|e| format!("--resume: cannot read {e}; that checkpoint cannot be continued"))?;
+    let saved = TrainerState::read(&dir)?;
     check(config, &dir, &saved)?;
     Ok(Resume {
         dir,
@@ -132,16 +138,16 @@ pub fn changed_datasets(resume: &Resume, train_caches: &[String]) -> Vec<usize> 
         .collect()
 }
 
-fn check(config: &JobConfig, dir: &Path, saved: &TrainerState) -> Result<(), String> {
+fn check(config: &JobConfig, dir: &Path, saved: &TrainerState) -> Result<(), ResumeError> {
     let global_batch = u64::from(config.cluster.world_size)
         * u64::from(config.micro_batch_size)
         * u64::from(config.grad_accum_steps);
-    let source = config.source.display();
-    let differs = |field: &str, now: String, then: String| {
-        format!(
-            "{source}: `{field}` is {now}, but {} was trained with {then}; the run would not continue where it stopped. Resume with the same value, or start a new run without --resume",
-            dir.display()
-        )
+    let differs = |field: &'static str, now: String, then: String| ResumeError::Differs {
+        config: config.source.clone(),
+        checkpoint: dir.to_path_buf(),
+        field,
+        now,
+        then,
     };
     if config.seed != saved.seed {
         return Err(differs(
@@ -172,12 +178,12 @@ fn check(config: &JobConfig, dir: &Path, saved: &TrainerState) -> Result<(), Str
         ));
     }
     if saved.step >= config.steps {
-        return Err(format!(
-            "{source}: {} is at step {}, and `training.steps` is {}: nothing is left to train. Raise training.steps to train further",
-            dir.display(),
-            saved.step,
-            config.steps
-        ));
+        return Err(ResumeError::NothingLeft {
+            config: config.source.clone(),
+            checkpoint: dir.to_path_buf(),
+            step: saved.step,
+            steps: config.steps,
+        });
     }
     Ok(())
 }

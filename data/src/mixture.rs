@@ -37,6 +37,21 @@ pub struct Slot {
     pub sequence: usize,
 }
 
+/// A mixture that cannot be drawn from.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MixtureError {
+    #[error("a mixture needs one size, weight and cursor per dataset (got {sizes}, {weights}, {cursors})")]
+    Shape {
+        sizes: usize,
+        weights: usize,
+        cursors: usize,
+    },
+    #[error("dataset {dataset} has no training sequences")]
+    Empty { dataset: usize },
+    #[error("weights must be positive numbers, got {0:?}")]
+    Weights(Vec<f64>),
+}
+
 pub struct Mixture {
     seed: u64,
     sizes: Vec<usize>,
@@ -51,7 +66,7 @@ pub struct Mixture {
 
 impl Mixture {
     /// `sizes[i]` sequences in dataset i, drawn with relative weight `weights[i]`.
-    pub fn new(seed: u64, sizes: &[usize], weights: &[f64]) -> Result<Self, String> {
+    pub fn new(seed: u64, sizes: &[usize], weights: &[f64]) -> Result<Self, MixtureError> {
         Self::resume(
             seed,
             sizes,
@@ -68,20 +83,19 @@ impl Mixture {
         sizes: &[usize],
         weights: &[f64],
         cursor: Cursor,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, MixtureError> {
         if sizes.is_empty() || sizes.len() != weights.len() || cursor.tasks.len() != sizes.len() {
-            return Err(format!(
-                "a mixture needs one size, weight and cursor per dataset (got {}, {}, {})",
-                sizes.len(),
-                weights.len(),
-                cursor.tasks.len()
-            ));
+            return Err(MixtureError::Shape {
+                sizes: sizes.len(),
+                weights: weights.len(),
+                cursors: cursor.tasks.len(),
+            });
         }
-        if let Some(i) = sizes.iter().position(|&n| n == 0) {
-            return Err(format!("dataset {i} has no training sequences"));
+        if let Some(dataset) = sizes.iter().position(|&n| n == 0) {
+            return Err(MixtureError::Empty { dataset });
         }
         if weights.iter().any(|w| !w.is_finite() || *w <= 0.0) {
-            return Err(format!("weights must be positive numbers, got {weights:?}"));
+            return Err(MixtureError::Weights(weights.to_vec()));
         }
         let total: f64 = weights.iter().sum();
         let cumulative = weights

@@ -1,5 +1,8 @@
-//! Writing a rank's part of a checkpoint into a staging directory under the checkpoint root.
-//! The coordinator commits it (manifest, rename); nothing here ever writes a final name.
+//! The checkpoint format, both ways: writing a rank's part into a staging directory under the
+//! checkpoint root (the coordinator commits it: manifest, rename; nothing here ever writes a
+//! final name), and restoring from a committed one what "resume is exact" needs beyond the
+//! Hugging Face weights: fp32 masters when the model files are narrower, AdamW moments and step
+//! count, the step and the data cursor.
 //!
 //! Layout (Hugging Face first, so `from_pretrained(dir)` works on it directly):
 //!   config.json, model*.safetensors (+ index), tokenizer files   the fine-tuned model
@@ -11,7 +14,8 @@
 use crate::model::io::{LoadedModel, ModelFiles, SaveOptions};
 use crate::model::DType;
 use crate::optim::AdamW;
-use ferrotune_data::manifest::{digest_tree, FileDigest};
+use ferrotune_data::manifest::{digest_tree, FileDigest, Manifest};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
@@ -115,6 +119,20 @@ pub enum CheckpointError {
     },
     #[error("{0}")]
     Tensor(String),
+    #[error("cannot start the checkpoint writer: {0}")]
+    Spawn(std::io::Error),
+    #[error("the checkpoint writer panicked")]
+    Panicked,
+}
+
+/// A committed checkpoint that cannot be continued from.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// A file does not match the manifest: the checkpoint is set aside, the one before taken.
+    #[error("resume: {message}")]
+    Damaged { file: PathBuf, message: String },
+    #[error("resume: {0}")]
+    Unreadable(String),
 }
 
 fn io<'a>(
@@ -250,7 +268,7 @@ const TEST_DELAY_ENV: &str = "FERROTUNE_TEST_CHECKPOINT_DELAY_MS";
 /// never a checkpoint, but a finished one is worth keeping for the commit).
 /// What the writer thread hands back: the staged checkpoint (or why not), and the snapshot's
 /// memory for the next one.
-type Written = (Result<Staged, String>, Option<Buffers>);
+type Written = (Result<Staged, CheckpointError>, Option<Buffers>);
 
 #[derive(Default)]
 pub struct Writer {
@@ -261,18 +279,18 @@ pub struct Writer {
 
 impl Writer {
     /// Starts writing `job` (the caller has waited for the previous write).
-    pub fn start(&mut self, job: WriteJob) -> Result<(), String> {
+    pub fn start(&mut self, job: WriteJob) -> Result<(), CheckpointError> {
         assert!(self.running.is_none(), "wait for the previous write first");
         let handle = std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || write(job))
-            .map_err(|e| format!("cannot start the checkpoint writer: {e}"))?;
+            .map_err(CheckpointError::Spawn)?;
         self.running = Some(handle);
         Ok(())
     }
 
     /// The write in flight, if it has finished; never blocks.
-    pub fn finished(&mut self) -> Option<Result<Staged, String>> {
+    pub fn finished(&mut self) -> Option<Result<Staged, CheckpointError>> {
         if self.running.as_ref().is_some_and(|h| h.is_finished()) {
             self.wait()
         } else {
@@ -281,11 +299,11 @@ impl Writer {
     }
 
     /// Waits for the write in flight, if there is one.
-    pub fn wait(&mut self) -> Option<Result<Staged, String>> {
+    pub fn wait(&mut self) -> Option<Result<Staged, CheckpointError>> {
         let handle = self.running.take()?;
         let (result, buffers) = handle
             .join()
-            .unwrap_or_else(|_| (Err("the checkpoint writer panicked".into()), None));
+            .unwrap_or_else(|_| (Err(CheckpointError::Panicked), None));
         self.spare = buffers;
         Some(result)
     }
@@ -325,9 +343,7 @@ fn write(job: WriteJob) -> Written {
     let step = snapshot.state.step;
     let written = write_staging(&root, rank, &snapshot, &model_src, &save);
     (
-        written
-            .map_err(|e| e.to_string())
-            .and_then(|dir| finish_write(dir, step, is_final, stall_seconds, started)),
+        written.and_then(|dir| finish_write(dir, step, is_final, stall_seconds, started)),
         Some(snapshot.into_buffers()),
     )
 }
@@ -339,11 +355,11 @@ fn finish_write(
     is_final: bool,
     stall_seconds: f64,
     started: std::time::Instant,
-) -> Result<Staged, String> {
+) -> Result<Staged, CheckpointError> {
     crate::fault::point_at(crate::fault::Point::CheckpointWrite, step);
     // The writer digests what it wrote (while it is in the page cache): the coordinator then
     // commits without reading a byte of it, and every later load can verify it.
-    let files = digest_tree(&dir).map_err(|e| e.to_string())?;
+    let files = digest_tree(&dir).map_err(|e| CheckpointError::Tensor(e.to_string()))?;
     if let Some(ms) = std::env::var(TEST_DELAY_ENV)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
@@ -358,4 +374,56 @@ fn finish_write(
         stall_seconds,
         write_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Checks every file of the checkpoint against its manifest (size and SHA-256, files hashed in
+/// parallel) before anything is loaded from it: a damaged checkpoint is refused naming the file,
+/// never trained on. The reads also bring the files into the page cache the loader reads next.
+pub fn verify(dir: &Path) -> Result<(), RestoreError> {
+    let started = std::time::Instant::now();
+    let manifest = Manifest::read(dir).map_err(|e| RestoreError::Unreadable(e.to_string()))?;
+    manifest.verify(dir).map_err(|e| RestoreError::Damaged {
+        file: e.path().to_path_buf(),
+        message: e.to_string(),
+    })?;
+    tracing::info!(
+        checkpoint = %dir.display(),
+        files = manifest.files.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "checkpoint verified against its manifest"
+    );
+    Ok(())
+}
+
+fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, RestoreError> {
+    Tensor::read_safetensors(path)
+        .map(|v| v.into_iter().collect())
+        .map_err(|e| RestoreError::Unreadable(format!("{}: {e}", path.display())))
+}
+
+/// Restores masters and optimizer from `dir` into the freshly loaded `model` and `optimizer`
+/// (the weights came in through the ordinary loader: a checkpoint is a Hugging Face model
+/// directory); returns the saved trainer state, whose cursor the mixture continues from in O(1).
+pub fn restore(
+    dir: &Path,
+    model: &LoadedModel,
+    optimizer: &mut AdamW,
+) -> Result<TrainerState, RestoreError> {
+    let unreadable = |e: &dyn std::fmt::Display| RestoreError::Unreadable(e.to_string());
+    let state_dir = dir.join(TRAINING_STATE);
+    let state = TrainerState::read(dir).map_err(|e| unreadable(&e))?;
+    let masters = state_dir.join(MASTERS_FILE);
+    if masters.is_file() {
+        model.overwrite_from(&masters).map_err(|e| unreadable(&e))?;
+    } else if let Some(narrow) = model.config.dtype.filter(|d| *d != DType::F32) {
+        tracing::warn!(
+            "{} holds {narrow:?} weights and no fp32 master weights: training continues from the rounded weights, not exactly where it stopped",
+            dir.display()
+        );
+    }
+    let opt_path = state_dir.join(OPTIMIZER_FILE);
+    optimizer
+        .load_state(read_tensors(&opt_path)?, state.optimizer_steps)
+        .map_err(|e| RestoreError::Unreadable(format!("{}: {e}", opt_path.display())))?;
+    Ok(state)
 }

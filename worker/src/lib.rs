@@ -13,7 +13,6 @@ pub mod infer;
 pub mod model;
 pub mod optim;
 pub mod precision;
-pub mod resume;
 pub mod run;
 pub mod session;
 pub mod spec;

@@ -8,6 +8,7 @@ use crate::agent::{
     heartbeat_loop, Agent, AgentError, GrpcReporter, HeartbeatTiming, Identity, Membership,
     Outcome, Signal,
 };
+use crate::checkpoint::RestoreError;
 use crate::collective::ring::{Ring, RingOptions};
 use crate::run::{set_threads, RunError, EXIT_ABORTED, EXIT_FAILED, EXIT_REFUSED};
 use crate::spec::{Placement, TrainSpec};
@@ -175,12 +176,13 @@ fn generation(
 }
 
 /// What the coordinator is told about an error, and whether a new generation may get past it:
-/// a lost peer, a collective timeout, a stop, a checkpoint refused or damaged may; a model,
-/// data, storage or setup error would come back in every generation.
+/// a lost peer, a collective timeout, a stop, a checkpoint refused, unwritable or unreadable
+/// (the restart takes the one before) may; a model, data, storage or setup error would come
+/// back in every generation.
 fn outcome_of(error: &anyhow::Error) -> Outcome {
     let train_error = error.downcast_ref::<TrainError>();
     let damaged_file = match train_error {
-        Some(TrainError::DamagedCheckpoint { file, .. }) => {
+        Some(TrainError::Restore(RestoreError::Damaged { file, .. })) => {
             Some(file.to_string_lossy().into_owned())
         }
         _ => None,
@@ -191,7 +193,8 @@ fn outcome_of(error: &anyhow::Error) -> Outcome {
             TrainError::Collective(_)
                 | TrainError::Aborted(_)
                 | TrainError::Checkpoint(_)
-                | TrainError::DamagedCheckpoint { .. }
+                | TrainError::Write(_)
+                | TrainError::Restore(_)
         )
     );
     Outcome {

@@ -13,7 +13,6 @@ use crate::model::Llama;
 use crate::model::{DType, ModelError};
 use crate::optim::{lr_at, scale_and_clip, AdamW, AdamWConfig};
 use crate::precision::{ComputeCopy, Precision};
-use crate::resume;
 use crate::spec::{Placement, TrainSpec};
 use ferrotune_data::mixture::{rank_slice, Mixture};
 use ferrotune_data::Tokenizer;
@@ -97,9 +96,12 @@ pub enum TrainError {
     Collective(#[from] CollectiveError),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
-    /// A file of the checkpoint to resume from does not match its manifest.
-    #[error("checkpoint: {message}")]
-    DamagedCheckpoint { file: PathBuf, message: String },
+    #[error("checkpoint: {0}")]
+    Write(#[from] checkpoint::CheckpointError),
+    /// The checkpoint to start from cannot be continued (a damaged file: set aside by the
+    /// coordinator, and the one before taken).
+    #[error("checkpoint: {0}")]
+    Restore(#[from] checkpoint::RestoreError),
     #[error("stopped: {0}")]
     Aborted(String),
 }
@@ -223,7 +225,7 @@ pub fn run(
     reporter.phase(TrainPhase::Loading);
     let model = match &placement.resume_from {
         Some(dir) => {
-            resume::verify(dir)?;
+            checkpoint::verify(dir)?;
             LoadedModel::load(dir, false, device)?
         }
         None => LoadedModel::load(&spec.model_path, spec.random_init, device)?,
@@ -275,10 +277,11 @@ pub fn run(
     let (start, mut mixture) = match &placement.resume_from {
         None => (
             0,
-            Mixture::new(spec.seed, &sizes, &weights).map_err(TrainError::Setup)?,
+            Mixture::new(spec.seed, &sizes, &weights)
+                .map_err(|e| TrainError::Setup(e.to_string()))?,
         ),
         Some(dir) => {
-            let state = resume::restore(dir, &model, &mut optimizer)?;
+            let state = checkpoint::restore(dir, &model, &mut optimizer)?;
             // The bf16 copy was cast from the weights before the masters were restored.
             if let Some(c) = &compute {
                 c.sync();
@@ -321,7 +324,9 @@ pub fn run(
     }
 
     let mut lr = spec.lr;
-    reporter.phase(TrainPhase::Training);
+    // The phase stays "loading" through the first step (allocations, first-touch, caches warm
+    // up): the coordinator's progress watchdog counts training time only after it.
+    reporter.phase(TrainPhase::Loading);
     for step in start..spec.total_steps {
         if let Some(reason) = reporter.abort_reason() {
             return Err(TrainError::Aborted(reason));
@@ -414,6 +419,7 @@ pub fn run(
         if is_writer {
             reporter.step(&stats);
         }
+        reporter.phase(TrainPhase::Training);
 
         let done = step + 1;
         if is_writer
@@ -435,9 +441,7 @@ pub fn run(
                 (done, lr),
                 writer.take_spare(),
             );
-            writer
-                .start(write_job(spec, placement, &model, snapshot, false, stalled))
-                .map_err(TrainError::Checkpoint)?;
+            writer.start(write_job(spec, placement, &model, snapshot, false, stalled))?;
             reporter.phase(TrainPhase::Training);
         }
         // A write that finished during this step is committed now.
@@ -465,9 +469,7 @@ pub fn run(
             (spec.total_steps, lr),
             writer.take_spare(),
         );
-        writer
-            .start(write_job(spec, placement, &model, snapshot, true, stalled))
-            .map_err(TrainError::Checkpoint)?;
+        writer.start(write_job(spec, placement, &model, snapshot, true, stalled))?;
         let path = commit(writer.wait(), reporter)?;
         summary.final_checkpoint = Some(path);
     }
@@ -538,12 +540,12 @@ fn write_job(
 
 /// Commits a finished background write, if there is one; returns the committed path.
 fn commit(
-    written: Option<Result<Staged, String>>,
+    written: Option<Result<Staged, checkpoint::CheckpointError>>,
     reporter: &dyn Reporter,
 ) -> Result<PathBuf, TrainError> {
     match written {
         None => Ok(PathBuf::new()),
-        Some(Err(e)) => Err(TrainError::Checkpoint(e)),
+        Some(Err(e)) => Err(e.into()),
         Some(Ok(staged)) => reporter
             .commit_checkpoint(&staged)
             .map_err(TrainError::Checkpoint),

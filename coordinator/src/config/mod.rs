@@ -128,6 +128,16 @@ mod defaults {
     }
 }
 
+/// The committed checkpoint a job continues from (chosen and checked by `crate::resume`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    pub dir: PathBuf,
+    /// Optimizer steps already taken: training continues with step + 1.
+    pub step: u64,
+    /// The training caches the checkpoint was trained on (empty in older checkpoints).
+    pub datasets: Vec<String>,
+}
+
 /// A validated job: every path absolute and checked, every number in range.
 #[derive(Debug, Clone)]
 pub struct JobConfig {
@@ -162,7 +172,7 @@ pub struct JobConfig {
     /// "fp32", or "bf16": bf16 compute weights with fp32 master weights and optimizer state.
     pub precision: String,
     /// Set by `launch --resume`, not by cluster.yaml: the committed checkpoint to continue.
-    pub resume: Option<crate::resume::Resume>,
+    pub resume: Option<Resume>,
     /// The resume was chosen by `cluster.resume: auto` (a restarted coordinator): the job's
     /// restart count carries over. A person's `--resume` or a fresh start begins at zero.
     pub resume_keeps_restarts: bool,
