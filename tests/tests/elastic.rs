@@ -178,16 +178,6 @@ fn a_restarted_coordinator_continues_the_job_and_keeps_its_restart_count() {
     assert!(left.is_empty(), "processes left behind: {left:?}");
 }
 
-/// A free loopback port (a race with other programs is possible but harmless here: the launch
-/// would refuse a taken port loudly).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn a_worker_that_never_returns_leaves_the_job_on_fewer_workers_with_the_same_global_batch() {
     let _serial = serial();

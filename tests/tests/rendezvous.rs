@@ -8,14 +8,6 @@ use ferrotune_proto::v1 as pb;
 use std::process::Command;
 use std::time::Duration;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Registers as `worker_id` like a worker of `version` would; returns the refusal.
 fn register_as(url: &str, token: &str, worker_id: &str, version: &str) -> tonic::Status {
     let runtime = tokio::runtime::Runtime::new().unwrap();

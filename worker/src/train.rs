@@ -428,20 +428,17 @@ pub fn run(
             && done < spec.total_steps
         {
             // The training thread only copies the state; a background thread writes it.
-            let stalled = Instant::now();
-            reporter.phase(TrainPhase::Checkpoint);
-            commit(writer.wait(), reporter)?;
-            let snapshot = snapshot(
+            let state = (&model, &optimizer, &mixture);
+            hand_over(
+                &mut writer,
+                reporter,
                 spec,
                 placement,
-                &model,
-                &optimizer,
-                &mixture,
+                state,
                 &caches,
                 (done, lr),
-                writer.take_spare(),
-            );
-            writer.start(write_job(spec, placement, &model, snapshot, false, stalled))?;
+                false,
+            )?;
             reporter.phase(TrainPhase::Training);
         }
         // A write that finished during this step is committed now.
@@ -456,38 +453,41 @@ pub fn run(
         }
     }
     if is_writer {
-        let stalled = Instant::now();
-        reporter.phase(TrainPhase::Checkpoint);
-        commit(writer.wait(), reporter)?;
-        let snapshot = snapshot(
+        let state = (&model, &optimizer, &mixture);
+        let end = (spec.total_steps, lr);
+        hand_over(
+            &mut writer,
+            reporter,
             spec,
             placement,
-            &model,
-            &optimizer,
-            &mixture,
+            state,
             &caches,
-            (spec.total_steps, lr),
-            writer.take_spare(),
-        );
-        writer.start(write_job(spec, placement, &model, snapshot, true, stalled))?;
+            end,
+            true,
+        )?;
         let path = commit(writer.wait(), reporter)?;
         summary.final_checkpoint = Some(path);
     }
     Ok(summary)
 }
 
-/// The checkpoint of `step`, copied out of the training state.
+/// Starts the checkpoint of `step`: commits the previous write (waiting for it if it still
+/// runs), copies the state out into the writer's spare memory and hands it to the writer. The
+/// time this takes is the training stall the commit line reports.
 #[allow(clippy::too_many_arguments)]
-fn snapshot(
+fn hand_over(
+    writer: &mut checkpoint::Writer,
+    reporter: &dyn Reporter,
     spec: &TrainSpec,
     placement: &Placement,
-    model: &LoadedModel,
-    optimizer: &AdamW,
-    mixture: &Mixture,
+    (model, optimizer, mixture): (&LoadedModel, &AdamW, &Mixture),
     datasets: &[String],
     (step, lr): (u64, f64),
-    reuse: Option<checkpoint::Buffers>,
-) -> Snapshot {
+    is_final: bool,
+) -> Result<(), TrainError> {
+    let stalled = Instant::now();
+    reporter.phase(TrainPhase::Checkpoint);
+    commit(writer.wait(), reporter)?;
     let state = TrainerState {
         step,
         data_cursor: mixture.cursor().clone(),
@@ -504,13 +504,12 @@ fn snapshot(
         total_steps: spec.total_steps,
         datasets: datasets.to_vec(),
     };
-    Snapshot::take(
-        model,
-        optimizer,
-        state,
-        spec.chat_template.as_deref(),
-        reuse,
-    )
+    let template = spec.chat_template.as_deref();
+    let snapshot = Snapshot::take(model, optimizer, state, template, writer.take_spare());
+    writer.start(write_job(
+        spec, placement, model, snapshot, is_final, stalled,
+    ))?;
+    Ok(())
 }
 
 fn write_job(

@@ -131,6 +131,16 @@ checkpoint:
     )
 }
 
+/// A free loopback port (another program may take it before it is used: harmless in tests, the
+/// launch refuses a taken port loudly).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Every process of this machine whose environment carries `FERROTUNE_TEST_TAG=tag`.
 pub fn tagged_processes(tag: &str) -> Vec<(i32, String)> {
     let needle = format!("FERROTUNE_TEST_TAG={tag}");
