@@ -237,6 +237,84 @@ fn a_killed_task_is_replaced_by_a_new_step_and_the_job_completes() {
 }
 
 #[test]
+fn a_frozen_task_is_replaced_and_its_step_cancelled() {
+    let _serial = serial();
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    small_random_model(tmp.path());
+    let text = random_model_job(2, 2, 0, 400, 1.0e-3, "out").replace(
+        "  threads_per_worker: 1\n",
+        "  threads_per_worker: 1\n  heartbeat_interval_s: 0.25\n  heartbeat_timeout_s: 2\n",
+    ) + "  every_steps: 50\n";
+    let (id, output, tag) = cluster.submit_text(tmp.path(), &slurm_job(&text));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let worker = bin("worker");
+    let victim = loop {
+        let out = std::fs::read_to_string(&output).unwrap_or_default();
+        if out.lines().any(|l| l.starts_with("step ")) {
+            let task = format!("--worker-id {id}.1 ");
+            let found = tagged_processes(&tag).into_iter().find(|(_, cmd)| {
+                cmd.starts_with(&*worker.to_string_lossy()) && cmd.contains(&task)
+            });
+            break found.unwrap_or_else(|| panic!("no worker {id}.1 among the tagged processes"));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "training never started; output:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // SAFETY: kill(2) on a pid read from /proc a moment ago: a worker task of our job.
+    assert_eq!(unsafe { libc::kill(victim.0, libc::SIGSTOP) }, 0);
+    // Once the group is back, the frozen task is gone while the job still runs: it must not
+    // linger, stopped, holding its CPUs. (Killing its srun is enough: Slurm then ends the
+    // step's tasks, SIGKILL reaching a stopped process too.)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&output)
+        .unwrap_or_default()
+        .contains("generation 2: all 2 workers are back")
+    {
+        assert!(Instant::now() < deadline, "the group never came back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gone = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |s| s.split_whitespace().nth(2) == Some("Z"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gone(victim.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the frozen task {} is still there 10 s after its replacement joined",
+            victim.0
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        cluster.field(&id, "JobState"),
+        "RUNNING",
+        "checked while the job runs"
+    );
+    let (state, exit) = cluster.wait(&id, Duration::from_secs(180), &output);
+    let out = std::fs::read_to_string(&output).unwrap_or_default();
+    assert_eq!(
+        (state.as_str(), exit.as_str()),
+        ("COMPLETED", "0:0"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "restart 1 of 3: rank 1 (worker {id}.1 on host n2) sent no heartbeat"
+        )),
+        "{out}"
+    );
+    let left = wait_no_tagged(&tag, Duration::from_secs(15));
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+}
+
+#[test]
 fn a_world_size_the_allocation_cannot_hold_is_refused_before_anything_starts() {
     let _serial = serial();
     let Some(cluster) = Cluster::start() else {
