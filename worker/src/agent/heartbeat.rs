@@ -92,9 +92,24 @@ impl Membership {
         s.signal.clone()
     }
 
+    /// Raises `Rejoin` if this worker is still in `generation` and has no signal yet; returns
+    /// whether it did.
+    fn raise_rejoin(&self, generation: u64) -> bool {
+        let mut s = self.lock();
+        let current = s.current.map(|(_, g)| g) == Some(generation) && s.signal.is_none();
+        if current {
+            self.raise_locked(&mut s, Signal::Rejoin);
+        }
+        current
+    }
+
     /// Records `signal` (a stop outranks a rejoin) and breaks the collective.
     fn raise(&self, signal: Signal) {
         let mut s = self.lock();
+        self.raise_locked(&mut s, signal);
+    }
+
+    fn raise_locked(&self, s: &mut State, signal: Signal) {
         if matches!(s.signal, Some(Signal::Stop(_))) || s.signal.as_ref() == Some(&signal) {
             return;
         }
@@ -173,9 +188,10 @@ pub async fn heartbeat_loop(agent: Agent, membership: Arc<Membership>, timing: H
             Ok(None) => last_ok = Instant::now(),
             Ok(Some(Signal::Rejoin)) => {
                 last_ok = Instant::now();
-                if membership.signal().is_none() {
+                // Only for the generation this beat was sent for: an answer to a beat that was
+                // in flight while the worker joined the next one must not end that one.
+                if membership.raise_rejoin(generation) {
                     tracing::warn!(generation, "the coordinator re-forms the group: leaving generation {generation} to rejoin");
-                    membership.raise(Signal::Rejoin);
                 }
             }
             Ok(Some(Signal::Stop(reason))) => {
@@ -193,4 +209,44 @@ pub async fn heartbeat_loop(agent: Agent, membership: Arc<Membership>, timing: H
     tracing::error!("still running {exit_after:?} after being told to stop; exiting");
     eprintln!("error: stopped by the coordinator, or lost contact with it; exiting");
     std::process::exit(exit_code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rejoin_answer_ends_only_the_generation_its_beat_was_sent_for() {
+        let m = Membership::default();
+        m.join(0, 1, Arc::new(AtomicBool::new(false)));
+        assert!(m.raise_rejoin(1));
+        assert_eq!(m.signal(), Some(Signal::Rejoin));
+        assert!(!m.raise_rejoin(1), "raised once");
+
+        let cancel = Arc::new(AtomicBool::new(false));
+        m.leave();
+        m.join(0, 2, cancel.clone());
+        assert_eq!(m.signal(), None, "a new generation starts without a signal");
+        // The answer to a beat of generation 1 that was still in flight.
+        assert!(!m.raise_rejoin(1));
+        assert_eq!(m.signal(), None);
+        assert!(!cancel.load(Ordering::Relaxed));
+
+        assert!(m.raise_rejoin(2));
+        assert!(
+            cancel.load(Ordering::Relaxed),
+            "a ring still connecting gives up"
+        );
+        m.raise(Signal::Stop("over".into()));
+        m.raise(Signal::Rejoin);
+        assert_eq!(
+            m.signal(),
+            Some(Signal::Stop("over".into())),
+            "a stop outranks"
+        );
+        assert_eq!(
+            m.wait_signal(Duration::from_millis(1)),
+            Some(Signal::Stop("over".into()))
+        );
+    }
 }

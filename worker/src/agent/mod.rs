@@ -35,6 +35,8 @@ pub enum AgentError {
 }
 
 const WAITING_NOTICE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Clone)]
 struct TokenInterceptor(MetadataValue<tonic::metadata::Ascii>);
@@ -81,7 +83,12 @@ impl Agent {
                 url: url.into(),
                 message: e.to_string(),
             })?
-            .connect_timeout(Duration::from_secs(5));
+            .connect_timeout(Duration::from_secs(5))
+            // A registration waits for the whole group, with no heartbeat meanwhile: HTTP/2
+            // pings find a coordinator host that vanished without closing the connection.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         let started = Instant::now();
         let mut told = Duration::ZERO;
         let channel = loop {
