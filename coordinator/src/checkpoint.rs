@@ -67,6 +67,23 @@ pub fn remove_stale_staging(root: &Path) -> Result<usize, CheckpointError> {
     Ok(removed)
 }
 
+/// Removes one staging directory that will never be committed (a report of an ended
+/// generation). Only a `.staging-*` directory directly under `root` is touched: the path comes
+/// from a worker.
+pub fn discard_staging(root: &Path, staging: &Path) {
+    let inside = staging.parent() == Some(root)
+        && staging
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(STAGING_PREFIX));
+    if !inside {
+        tracing::warn!(path = %staging.display(), "not a staging directory of this job; left alone");
+        return;
+    }
+    if let Err(e) = std::fs::remove_dir_all(staging) {
+        tracing::warn!(path = %staging.display(), "could not remove an uncommitted staging directory: {e}");
+    }
+}
+
 /// Commits `staging` as the checkpoint of `step`, whose writer reported `files`, and keeps the
 /// newest `keep` checkpoints.
 pub fn commit(
@@ -226,6 +243,24 @@ fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_a_staging_directory_of_the_root_is_discarded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let staged = root.join(".staging-00000006-r0-77");
+        let checkpoint = root.join("step-00000003");
+        std::fs::create_dir_all(staged.join("training_state")).unwrap();
+        std::fs::create_dir_all(&checkpoint).unwrap();
+        super::discard_staging(root, &checkpoint);
+        super::discard_staging(root, &root.join("../elsewhere/.staging-1"));
+        assert!(
+            checkpoint.is_dir(),
+            "a committed checkpoint is never discarded"
+        );
+        super::discard_staging(root, &staged);
+        assert!(!staged.exists());
+    }
+
     use super::*;
 
     fn stage(root: &Path, name: &str, content: &str) -> PathBuf {

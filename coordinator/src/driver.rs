@@ -277,6 +277,12 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                             let _ = r.send(Reply::Rejected(reason));
                         }
                     }
+                    Action::Discard { staging_dir } => {
+                        let root = config.checkpoint_dir.clone();
+                        tokio::task::spawn_blocking(move || {
+                            checkpoint::discard_staging(&root, std::path::Path::new(&staging_dir))
+                        });
+                    }
                     Action::Restart {
                         generation,
                         restart,

@@ -140,6 +140,10 @@ pub enum Action {
         is_final: bool,
         files: Vec<FileDigest>,
     },
+    /// A staged checkpoint that will never be committed (its generation ended): remove it.
+    Discard {
+        staging_dir: String,
+    },
     /// A generation ended in a failure that may pass: the survivors rejoin (their heartbeats
     /// are answered "rejoin" from now on), the launcher replaces `replace`, and the restart
     /// count (`restart` of `max`) is persisted.

@@ -257,9 +257,12 @@ impl Job {
                 ..
             } => {
                 if !current(generation) || !self.failures.is_empty() {
-                    return vec![Action::Refuse(format!(
-                        "checkpoint of step {step} not committed: generation {generation} has ended (a worker was lost); the group restarts from the newest committed checkpoint"
-                    ))];
+                    return vec![
+                        Action::Refuse(format!(
+                            "checkpoint of step {step} not committed: generation {generation} has ended (a worker was lost); the group restarts from the newest committed checkpoint"
+                        )),
+                        Action::Discard { staging_dir },
+                    ];
                 }
                 self.touch(rank, now);
                 self.last_progress = now;

@@ -154,10 +154,13 @@ fn reports_of_an_ended_generation_are_ignored_and_its_checkpoints_refused() {
     let mut job = start(params(2, 3), t0);
     job.handle(killed("w1"), t0);
     job.handle(Event::Tick, t0 + Duration::from_millis(1100));
-    assert!(matches!(
-        job.handle(ready(0, 1, 6), t0)[..],
-        [Action::Refuse(_)]
-    ));
+    // Refused, and its staging removed: it will never be a checkpoint.
+    match &job.handle(ready(0, 1, 6), t0)[..] {
+        [Action::Refuse(_), Action::Discard { staging_dir }] => {
+            assert_eq!(staging_dir, "/c/.staging-6")
+        }
+        other => panic!("{other:?}"),
+    }
     let step = Event::StepReported {
         rank: 0,
         generation: 1,
