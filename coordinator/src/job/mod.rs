@@ -227,26 +227,12 @@ impl Job {
                 rank,
                 generation,
                 metrics,
-            } => {
-                if !current(generation) {
-                    return Vec::new();
-                }
-                self.touch(rank, now);
-                self.last_progress = now;
-                vec![Action::Progress(metrics)]
-            }
+            } => self.on_progress(rank, generation, Action::Progress(metrics), now),
             Event::EvalReported {
                 rank,
                 generation,
                 metrics,
-            } => {
-                if !current(generation) {
-                    return Vec::new();
-                }
-                self.touch(rank, now);
-                self.last_progress = now;
-                vec![Action::Eval(metrics)]
-            }
+            } => self.on_progress(rank, generation, Action::Eval(metrics), now),
             Event::CheckpointReady {
                 rank,
                 generation,
@@ -324,6 +310,22 @@ impl Job {
             Event::Interrupted => self.stop(Outcome::Interrupted, "interrupted by the user".into()),
             Event::Tick => self.on_tick(now),
         }
+    }
+
+    /// A step or eval report: passed on (and counted as progress) if it is of this generation.
+    fn on_progress(
+        &mut self,
+        rank: u32,
+        generation: u64,
+        report: Action,
+        now: Instant,
+    ) -> Vec<Action> {
+        if generation != self.generation || self.phase != Phase::Running {
+            return Vec::new();
+        }
+        self.touch(rank, now);
+        self.last_progress = now;
+        vec![report]
     }
 
     fn on_register(&mut self, info: WorkerInfo, now: Instant) -> Vec<Action> {
