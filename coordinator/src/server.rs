@@ -116,7 +116,8 @@ fn training_spec(c: &JobConfig) -> pb::TrainingSpec {
             every_steps: c.checkpoint_every_steps,
             dtype: c.checkpoint_dtype.clone().unwrap_or_default(),
             max_shard_bytes: c.checkpoint_max_shard_bytes,
-            resume_from: c.resume.as_ref().map(|r| path(&r.dir)).unwrap_or_default(),
+            // Each generation's starting checkpoint travels in its assignment.
+            resume_from: String::new(),
         }),
         // 0 lets each worker divide its own host's cores among the workers there.
         intra_op_threads: c.cluster.threads_per_worker.unwrap_or(0),

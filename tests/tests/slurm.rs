@@ -237,7 +237,7 @@ fn a_killed_task_is_replaced_by_a_new_step_and_the_job_completes() {
 }
 
 #[test]
-fn a_frozen_task_is_replaced_and_its_step_cancelled() {
+fn a_frozen_task_is_replaced_and_gone_while_the_job_still_runs() {
     let _serial = serial();
     let Some(cluster) = Cluster::start() else {
         return;
