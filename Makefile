@@ -8,7 +8,7 @@ PYTHON  ?= python3
 VENV    := .venv
 LIBTORCH_STAMP := third_party/libtorch/.ferrotune-cpu-2.11.0
 
-.PHONY: all setup libtorch venv build demo example-instruct example-multitask test lint fmt clean bench bench-quick
+.PHONY: all setup libtorch libtorch-cuda build-cuda gpu-kit venv build demo example-instruct example-multitask test lint fmt clean bench bench-quick
 
 all: build
 
@@ -23,6 +23,21 @@ $(VENV)/.installed: scripts/requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir -r scripts/requirements-test.txt
 	touch $@
+
+# GPU hosts: the CUDA libtorch in its own directory and the build in its own target directory,
+# so a CUDA build never replaces the CPU one (README "GPU hosts").
+LIBTORCH_CUDA_STAMP := third_party/libtorch-cuda/.ferrotune-cuda-2.11.0
+libtorch-cuda: $(LIBTORCH_CUDA_STAMP)
+$(LIBTORCH_CUDA_STAMP):
+	bash scripts/setup-libtorch.sh --cuda
+
+build-cuda: libtorch-cuda
+	LIBTORCH=$(CURDIR)/third_party/libtorch-cuda CARGO_TARGET_DIR=$(CURDIR)/target/cuda \
+	  $(CARGO) build --release -p ferrotune-coordinator -p ferrotune-worker
+
+# What bench/gpu.sh runs on a GPU host that has no Rust toolchain: target/gpu-kit.
+gpu-kit: libtorch-cuda venv
+	bash scripts/gpu-kit.sh
 
 # One profile (release) for the demo, the tests and clippy, so libtorch crates build once.
 build: libtorch

@@ -36,13 +36,37 @@ def extract(whl, dest, keep):
                 shutil.copyfileobj(src, dst, 1 << 20)
 
 
+# Requirements of the torch wheel that are Python packages, not libraries libtorch links.
+PYTHON_ONLY = ("triton", "cuda-bindings")
+
+
+def linux_library_requirements(wheels):
+    """The torch wheel's Linux-only requirements (the NVIDIA libraries), one per line."""
+    with zipfile.ZipFile(wheel(wheels, "torch")) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        text = zf.read(meta).decode()
+    for line in text.splitlines():
+        if not line.startswith("Requires-Dist:") or 'platform_system == "Linux"' not in line:
+            continue
+        requirement = line.split(":", 1)[1].split(";", 1)[0].strip()
+        if not requirement.startswith(PYTHON_ONLY):
+            print(requirement)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variant", choices=["cpu", "cuda"], required=True)
+    ap.add_argument("--variant", choices=["cpu", "cuda"])
     ap.add_argument("--wheels", required=True)
-    ap.add_argument("--dest", required=True)
-    ap.add_argument("--torch-version", required=True)
+    ap.add_argument("--dest")
+    ap.add_argument("--torch-version")
+    ap.add_argument("--requirements", action="store_true",
+                    help="print the torch wheel's Linux library requirements and exit")
     args = ap.parse_args()
+    if args.requirements:
+        linux_library_requirements(args.wheels)
+        return
+    if not (args.variant and args.dest and args.torch_version):
+        ap.error("--variant, --dest and --torch-version are required")
 
     def keep_torch(name):
         if name.startswith("torch/include/"):

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Fetch libtorch 2.11.0 out of the PyPI `torch` wheel into third_party/libtorch.
+# Fetch libtorch 2.11.0 out of the PyPI `torch` wheel.
 #
 # No libtorch download site is reachable from our machines, but PyPI is, and the torch wheel holds
-# libtorch whole. The default is a lean CPU build (~500 MB); --cuda keeps every library of the wheel
-# and pulls the NVIDIA runtime wheels it links against (several GB), for GPU hosts.
+# libtorch whole. The default is a lean CPU build (~500 MB) in third_party/libtorch; --cuda keeps
+# every library of the wheel and pulls the NVIDIA runtime wheels it links against, NCCL included
+# (several GB), into third_party/libtorch-cuda, so a CUDA build never replaces the CPU one.
 # Idempotent: a finished install is detected by its stamp file and left alone.
 set -euo pipefail
 
@@ -11,8 +12,6 @@ TORCH_VERSION=2.11.0
 CUDA_RUNTIME_VERSION=13.0.96
 CUPTI_VERSION=13.0.85
 root=$(cd "$(dirname "$0")/.." && pwd)
-dest="$root/third_party/libtorch"
-wheels="$root/third_party/wheels"
 variant=cpu
 for arg in "$@"; do
   case "$arg" in
@@ -21,6 +20,12 @@ for arg in "$@"; do
     *) echo "setup-libtorch: unknown argument '$arg' (expected --cuda or nothing)" >&2; exit 2 ;;
   esac
 done
+if [ "$variant" = cpu ]; then
+  dest="$root/third_party/libtorch"
+else
+  dest="$root/third_party/libtorch-cuda"
+fi
+wheels="$root/third_party/wheels-$variant"
 
 stamp="$dest/.ferrotune-$variant-$TORCH_VERSION"
 if [ -f "$stamp" ]; then
@@ -45,7 +50,18 @@ if [ "$variant" = cpu ]; then
   pip_download --no-deps "torch==$TORCH_VERSION" "nvidia-cuda-runtime==$CUDA_RUNTIME_VERSION" \
     "nvidia-cuda-cupti==$CUPTI_VERSION"
 else
-  pip_download "torch==$TORCH_VERSION"
+  # The wheel's own Linux requirements name the NVIDIA libraries libtorch_cuda links against;
+  # the Python-only ones (triton, cuda-bindings) are left out.
+  pip_download --no-deps "torch==$TORCH_VERSION"
+  mapfile -t nvidia < <("$python" "$root/scripts/extract_libtorch.py" --requirements \
+    --wheels "$wheels")
+  if ! pip_download "${nvidia[@]}"; then
+    # A registry may lack the exact NCCL build the wheel pins (ours did: 2.28.9); NCCL keeps its
+    # ABI within major version 2 (libnccl.so.2), so the newest 2.x serves.
+    echo "setup-libtorch: the pinned NCCL is not available; taking the newest NCCL 2.x" >&2
+    nvidia=("${nvidia[@]/#nvidia-nccl-cu13==*/nvidia-nccl-cu13<3}")
+    pip_download "${nvidia[@]}"
+  fi
 fi
 
 tmp="$dest.partial"

@@ -79,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
                 peer_address: format!("127.0.0.1:{}", 10_000 + i),
                 pid: i as u32,
                 worker_version: ferrotune_proto::VERSION.into(),
+                ..Default::default()
             };
             let answer = client
                 .register(request(message, &token))

@@ -5,6 +5,7 @@
 use crate::checkpoint;
 use crate::config::JobConfig;
 use crate::endpoint;
+use crate::job::devices::Backend;
 use crate::job::{Action, Event, HeartbeatAnswer, Job, JobParams, Outcome};
 use crate::launcher::{LaunchPlan, Launcher, LauncherEvent};
 use crate::lease::{Lease, LeaseError};
@@ -147,6 +148,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
             },
             grad_accum_steps: config.grad_accum_steps,
             min_workers: config.cluster.min_workers,
+            devices: config.cluster.devices,
         },
         Instant::now(),
     );
@@ -226,11 +228,19 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         }
         let mut queue: Vec<Action> = job.handle(event, Instant::now());
         let mut finished = None;
+        let mut last_rejection: Option<String> = None;
         while !queue.is_empty() {
             for action in std::mem::take(&mut queue) {
                 match action {
                     Action::Assign(list) => {
                         let list_resume = list.first().and_then(|(_, a)| a.resume_from.clone());
+                        let on = list.first().map(|(_, a)| {
+                            let collective = match a.backend {
+                                Backend::Ring => "the TCP ring",
+                                Backend::Nccl => "NCCL",
+                            };
+                            format!("on {}, gradients reduced with {collective}", a.device.name())
+                        });
                         for (worker_id, assignment) in list {
                             let r = if is_registering(&worker_id) {
                                 reply.take()
@@ -242,9 +252,10 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                             }
                         }
                         let generation = job.generation();
+                        let on = on.unwrap_or_default();
                         if generation == 1 {
                             tracing::info!(
-                                "all {} workers registered; training starts",
+                                "all {} workers registered; training starts {on}",
                                 config.cluster.world_size
                             );
                         } else {
@@ -262,7 +273,11 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                         }
                     }
                     Action::Reject { worker_id, reason } => {
-                        tracing::warn!(%worker_id, "registration refused: {reason}");
+                        // A whole group refused for one reason is logged once.
+                        if last_rejection.as_ref() != Some(&reason) {
+                            tracing::warn!(%worker_id, "registration refused: {reason}");
+                            last_rejection = Some(reason.clone());
+                        }
                         let r = if is_registering(&worker_id) {
                             reply.take()
                         } else {

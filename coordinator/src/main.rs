@@ -180,6 +180,7 @@ fn prepare_startup(c: &config::JobConfig) -> Result<driver::Startup, ExitCode> {
             use launcher::slurm::{Allocation, SlurmLauncher};
             match Allocation::from_env(&env)
                 .and_then(|a| SlurmLauncher::new(a, c.cluster.world_size))
+                .map(|l| l.with_gpu_per_task(c.cluster.devices.binds_gpus()))
             {
                 Ok(l) => Box::new(l),
                 Err(e) => return Err(bad_input(&e, e.hint())),
@@ -256,6 +257,10 @@ fn launch(config: config::JobConfig, startup: driver::Startup) -> anyhow::Result
             }
             resume_hint();
             ExitCode::from(EXIT_FAILED)
+        }
+        Outcome::Refused { reason } => {
+            eprintln!("error: {reason}");
+            ExitCode::from(EXIT_BAD_INPUT)
         }
         Outcome::Interrupted => {
             eprintln!("interrupted: all workers stopped");

@@ -2,6 +2,7 @@
 //! No job logic lives here; the generated `pb` types stay inside this module.
 
 use crate::config::{JobConfig, ModelInit};
+use crate::job::devices::{Backend, WorkerDevices};
 use crate::job::{
     Assignment, EvalMetrics, Event, HeartbeatAnswer, StepMetrics, TaskEval, WorkerInfo, WorkerPhase,
 };
@@ -126,7 +127,8 @@ fn training_spec(c: &JobConfig) -> pb::TrainingSpec {
         heartbeat_timeout_ms: c.cluster.heartbeat_timeout.as_millis() as u64,
         bucket_bytes: c.cluster.bucket_bytes,
         log_every_steps: c.log_every_steps,
-        device: "cpu".into(),
+        // Resolved per group from the workers' reports; set in each answer.
+        device: String::new(),
     }
 }
 
@@ -168,9 +170,19 @@ impl Coordinator for Service {
             local_index: r.local_index,
             peer_address: r.peer_address,
             version: r.worker_version,
+            devices: WorkerDevices {
+                cuda_devices: r.devices.iter().filter(|d| d.kind == "cuda").count() as u32,
+                cuda_unavailable: (!r.cuda_unavailable.is_empty()).then_some(r.cuda_unavailable),
+                nccl_unavailable: (!r.nccl_unavailable.is_empty()).then_some(r.nccl_unavailable),
+                nccl_id: (!r.nccl_unique_id.is_empty()).then_some(r.nccl_unique_id),
+            },
         };
         match self.send(Event::Registered(info)).await? {
             Reply::Assigned(a) => Ok(Response::new(pb::RegisterResponse {
+                spec: Some(pb::TrainingSpec {
+                    device: a.device.name().into(),
+                    ..self.spec.clone()
+                }),
                 assignment: Some(pb::Assignment {
                     rank: a.rank,
                     world_size: a.world_size,
@@ -179,11 +191,14 @@ impl Coordinator for Service {
                     generation: a.generation,
                     peer_addresses: Vec::new(),
                     next_peer_address: a.next_peer_address,
-                    backend: pb::CollectiveBackend::TcpRing as i32,
+                    backend: match a.backend {
+                        Backend::Ring => pb::CollectiveBackend::TcpRing,
+                        Backend::Nccl => pb::CollectiveBackend::Nccl,
+                    } as i32,
                     resume_from: a.resume_from.unwrap_or_default(),
                     grad_accum_steps: a.grad_accum_steps,
+                    nccl_unique_id: a.nccl_id.unwrap_or_default(),
                 }),
-                spec: Some(self.spec.clone()),
             })),
             Reply::Rejected(reason) => Err(Status::failed_precondition(reason)),
             other => Err(Status::internal(format!(

@@ -47,6 +47,30 @@ fn each_invalid_config_gets_a_located_message() {
             "must be at least 1",
         ),
         (
+            "an unknown device",
+            good.replace("  world_size: 2", "  world_size: 2\n  device: tpu"),
+            "cluster.device",
+            line_of("world_size") + 1,
+            "tpu",
+        ),
+        (
+            "nccl on the cpu",
+            good.replace(
+                "  world_size: 2",
+                "  world_size: 2\n  device: cpu\n  collective: nccl",
+            ),
+            "cluster.collective",
+            line_of("world_size") + 2,
+            "use `collective: ring` on the CPU",
+        ),
+        (
+            "more local workers than GPUs",
+            good.replace("  world_size: 2", "  world_size: 2\n  gpus_per_node: 1"),
+            "cluster.world_size",
+            line_of("world_size"),
+            "at most gpus_per_node",
+        ),
+        (
             "missing model path",
             good.replace("  path: base ", "  path: no-such-model "),
             "model.path",

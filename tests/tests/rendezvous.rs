@@ -23,6 +23,7 @@ fn register_as(url: &str, token: &str, worker_id: &str, version: &str) -> tonic:
             peer_address: "127.0.0.1:9".into(),
             pid: 1,
             worker_version: version.into(),
+            ..Default::default()
         });
         request
             .metadata_mut()

@@ -105,7 +105,16 @@ fn copy_into(
             }
             buffers
         }
-        None => live.into_iter().map(|(n, t)| (n, t.copy())).collect(),
+        // Into host memory whatever the device: a GPU worker's snapshot must not double its
+        // GPU memory, and the writer thread reads it from the host.
+        None => live
+            .into_iter()
+            .map(|(n, t)| {
+                let mut host = crate::device::host_buffer_like(&t);
+                host.copy_(&t);
+                (n, host)
+            })
+            .collect(),
     })
 }
 

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod commands;
 pub mod data;
+pub mod device;
 pub mod fault;
 pub mod grads;
 pub mod identity;

@@ -9,9 +9,11 @@ use crate::agent::{
     Outcome, Signal,
 };
 use crate::checkpoint::RestoreError;
+use crate::collective::nccl::{Nccl, NcclOptions};
 use crate::collective::ring::{Ring, RingOptions};
+use crate::device;
 use crate::run::{set_threads, RunError, EXIT_ABORTED, EXIT_FAILED, EXIT_REFUSED};
-use crate::spec::{Placement, TrainSpec};
+use crate::spec::{Backend, Placement, TrainSpec};
 use crate::storage;
 use crate::train::{self, TrainError};
 use anyhow::Context;
@@ -37,7 +39,16 @@ pub fn run(
     loop {
         let (placement, mut spec) = runtime.block_on(agent.register(me)).map_err(|e| {
             let code = match &e {
-                AgentError::Rpc(s) if s.code() == tonic::Code::Unauthenticated => EXIT_REFUSED,
+                // A wrong token, or a refusal the coordinator explains (another version, a
+                // group that cannot use the configured device): another try meets the same.
+                AgentError::Rpc(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unauthenticated | tonic::Code::FailedPrecondition
+                    ) =>
+                {
+                    EXIT_REFUSED
+                }
                 AgentError::Rpc(s) if s.code() == tonic::Code::Unavailable => EXIT_ABORTED,
                 _ => EXIT_FAILED,
             };
@@ -136,7 +147,7 @@ pub fn run(
     }
 }
 
-/// One generation: check the storage, connect the ring, train.
+/// One generation: check the storage, choose the device, connect the collective, train.
 #[allow(clippy::too_many_arguments)]
 fn generation(
     spec: &TrainSpec,
@@ -149,27 +160,55 @@ fn generation(
     cancel: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     storage::check(spec, placement.resume_from.as_deref(), host)?;
-    let options = RingOptions {
-        timeout: spec.collective_timeout,
-        bucket_bytes: spec.bucket_bytes,
-        token: token.to_string(),
-        generation: placement.generation,
-        cancel,
+    let device = device::choose(&spec.device_kind, placement.local_rank)
+        .map_err(|e| TrainError::Setup(e.to_string()))?;
+    let placement = &Placement {
+        device,
+        ..placement.clone()
     };
-    let listener = listener
-        .try_clone()
-        .context("sharing the collective's listener")?;
-    let mut ring = Ring::connect(
-        listener,
-        placement.rank,
-        placement.world_size,
-        &placement.next_peer_address,
-        &options,
-    )
-    .map_err(TrainError::from)?;
-    membership.set_ring(ring.abort_handle());
-    let summary = train::run(spec, placement, &mut ring, reporter);
-    membership.set_ring(None);
+    let summary = match &placement.backend {
+        Backend::Ring => {
+            let options = RingOptions {
+                timeout: spec.collective_timeout,
+                bucket_bytes: spec.bucket_bytes,
+                token: token.to_string(),
+                generation: placement.generation,
+                cancel,
+            };
+            let listener = listener
+                .try_clone()
+                .context("sharing the collective's listener")?;
+            let mut ring = Ring::connect(
+                listener,
+                placement.rank,
+                placement.world_size,
+                &placement.next_peer_address,
+                &options,
+            )
+            .map_err(TrainError::from)?;
+            membership.set_ring(ring.abort_handle());
+            let summary = train::run(spec, placement, &mut ring, reporter);
+            membership.set_ring(None);
+            summary
+        }
+        Backend::Nccl { unique_id } => {
+            // The generation's end sets `cancel`, which the communicator polls while it waits:
+            // it aborts itself (ncclCommAbort) on the training thread.
+            let options = NcclOptions {
+                timeout: spec.collective_timeout,
+                abort: cancel,
+            };
+            let mut nccl = Nccl::connect(
+                unique_id,
+                placement.rank,
+                placement.world_size,
+                device,
+                options,
+            )
+            .map_err(TrainError::from)?;
+            train::run(spec, placement, &mut nccl, reporter)
+        }
+    };
     let summary = summary?;
     tracing::info!(last_loss = summary.last_loss, "training finished");
     Ok(())

@@ -22,6 +22,19 @@ pub struct Placement {
     /// This generation's gradient accumulation when the coordinator changed it (a smaller
     /// group keeps the global batch); None: the spec's.
     pub grad_accum_steps: Option<usize>,
+    pub backend: Backend,
+    /// Where this worker trains: chosen by `device::choose` from the spec's device kind and
+    /// the local rank (the CPU until then).
+    pub device: tch::Device,
+}
+
+/// How the group reduces gradients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// The TCP ring over host memory.
+    Ring,
+    /// NCCL on the GPUs; every rank builds its communicator from rank 0's unique id.
+    Nccl { unique_id: Vec<u8> },
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +82,8 @@ pub struct TrainSpec {
     pub heartbeat_timeout: Duration,
     pub bucket_bytes: usize,
     pub log_every_steps: u64,
+    /// "cpu" or "cuda", as the coordinator resolved it for the group.
+    pub device_kind: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]

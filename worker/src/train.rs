@@ -122,17 +122,30 @@ fn mean(sum: f64, count: f64) -> f64 {
     }
 }
 
+/// How sequences become batches on this worker.
+#[derive(Debug, Clone, Copy)]
+struct Batching {
+    micro_batch: usize,
+    seq_len: usize,
+    pad_id: u32,
+    device: Device,
+}
+
 /// Mean held-out loss per dataset (its first `max_sequences` held-out sequences, split over the
 /// ranks) and over all of them, reduced over all ranks. None when no dataset has a held-out set.
 fn evaluate(
     model: &Llama,
     tasks: &[Task],
     max_sequences: usize,
-    batch: usize,
-    seq_len: usize,
-    pad_id: u32,
+    batching: &Batching,
     collective: &mut dyn Collective,
 ) -> Result<Option<EvalResult>, TrainError> {
+    let Batching {
+        micro_batch: batch,
+        seq_len,
+        pad_id,
+        device,
+    } = *batching;
     let (rank, world) = (collective.rank(), collective.world_size());
     let with_eval: Vec<(&str, &ferrotune_data::cache::TokenCache)> = tasks
         .iter()
@@ -153,7 +166,7 @@ fn evaluate(
                     &data::rows(cache, chunk.iter().copied()),
                     seq_len,
                     pad_id,
-                    Device::Cpu,
+                    device,
                 );
                 let (loss, count) =
                     model.loss_sum_packed(&b.input_ids, &b.labels, b.packing.as_ref());
@@ -193,10 +206,9 @@ fn check_same_start(
             .named_parameters()
             .iter()
             .map(|(_, p)| {
-                p.to_kind(Kind::Double)
-                    .abs()
-                    .sum(Kind::Double)
-                    .double_value(&[])
+                // |x| is exact in fp32 and the sum accumulates in f64: no f64 copy of a
+                // (possibly multi-GB) parameter.
+                p.abs().sum(Kind::Double).double_value(&[])
             })
             .sum()
     });
@@ -218,7 +230,7 @@ pub fn run(
     collective: &mut dyn Collective,
     reporter: &dyn Reporter,
 ) -> Result<TrainSummary, TrainError> {
-    let device = Device::Cpu;
+    let device = placement.device;
     // Same seed on every rank: a random init is identical everywhere.
     tch::manual_seed(spec.seed as i64);
     // A resumed job loads the checkpoint, a Hugging Face model directory like any other.
@@ -252,17 +264,14 @@ pub fn run(
     let compute =
         (spec.precision == Precision::Bf16).then(|| ComputeCopy::new(&model, Kind::BFloat16));
     let net: &Llama = compute.as_ref().map_or(&model.model, |c| &c.model);
-    let eval_batch = spec.micro_batch_size;
+    let batching = Batching {
+        micro_batch: spec.micro_batch_size,
+        seq_len: spec.seq_len,
+        pad_id,
+        device,
+    };
     let run_eval = |collective: &mut dyn Collective| {
-        evaluate(
-            net,
-            &tasks,
-            spec.eval_max_sequences,
-            eval_batch,
-            spec.seq_len,
-            pad_id,
-            collective,
-        )
+        evaluate(net, &tasks, spec.eval_max_sequences, &batching, collective)
     };
 
     let mut optimizer = AdamW::new(

@@ -1,6 +1,7 @@
 //! The `cluster:` section: which launcher starts the workers, how many, where the coordinator
 //! listens, the job token, and the liveness timings.
 
+use super::devices::{CollectiveSetting, DeviceConfig, DeviceSetting};
 use super::{Checks, Spanned};
 use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
@@ -100,6 +101,12 @@ pub(super) struct ClusterSection {
     resume: Option<Spanned<ResumeSetting>>,
     #[serde(default)]
     min_workers: Option<Spanned<u32>>,
+    #[serde(default)]
+    device: Option<Spanned<DeviceSetting>>,
+    #[serde(default)]
+    collective: Option<Spanned<CollectiveSetting>>,
+    #[serde(default)]
+    gpus_per_node: Option<Spanned<u32>>,
 }
 
 /// `resume: auto` continues from the newest committed checkpoint when there is one (a
@@ -180,6 +187,7 @@ pub struct ClusterConfig {
     pub resume: ResumeSetting,
     /// The fewest workers the job continues on when lost ones do not come back (default: all).
     pub min_workers: u32,
+    pub devices: DeviceConfig,
 }
 
 impl Checks<'_> {
@@ -188,9 +196,30 @@ impl Checks<'_> {
         c: &ClusterSection,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> ClusterConfig {
-        let world_size = self.world_size(&c.world_size, env);
+        let devices = self.devices(
+            c.device.as_ref(),
+            c.collective.as_ref(),
+            c.gpus_per_node.as_ref(),
+        );
+        // The local launcher runs every worker on this host: one per GPU when it has them.
+        let local_gpus = devices
+            .gpus_per_node
+            .filter(|_| c.launcher == LauncherKind::Local);
+        let world_size = match (&c.world_size.value, local_gpus) {
+            (WorldSizeSetting::Auto, Some(gpus)) => gpus,
+            _ => self.world_size(&c.world_size, env),
+        };
         let world_size_deferred = matches!(c.world_size.value, WorldSizeSetting::Auto)
+            && local_gpus.is_none()
             && WORLD_SIZE_ENVS.iter().all(|name| env(name).is_none());
+        if let Some(gpus) = local_gpus.filter(|&g| world_size > g) {
+            self.push(
+                &c.world_size,
+                "cluster.world_size",
+                format!("the local launcher runs every worker on this host, which has cluster.gpus_per_node = {gpus} GPUs, but world_size is {world_size}"),
+                "set world_size to at most gpus_per_node (or `auto`: one worker per GPU), or use launcher: slurm across hosts",
+            );
+        }
         let listen = match (&c.listen, c.launcher) {
             (Some(l), _) => match l.value.parse::<SocketAddr>() {
                 Ok(addr) => addr,
@@ -290,6 +319,7 @@ impl Checks<'_> {
             step_timeout,
             resume: c.resume.as_ref().map(|r| r.value).unwrap_or_default(),
             min_workers,
+            devices,
         }
     }
 

@@ -525,11 +525,13 @@ fn parse_size(text: &str) -> Option<u64> {
 
 mod cluster;
 mod data;
+mod devices;
 mod issues;
 use cluster::ClusterSection;
 pub use cluster::{ClusterConfig, LauncherKind, ResumeSetting, WORLD_SIZE_ENVS};
 use data::DataSection;
 pub use data::{DataConfig, DatasetConfig};
+pub use devices::{CollectiveSetting, DeviceConfig, DeviceSetting};
 use issues::yaml_issue;
 pub use issues::{ConfigError, Issue};
 

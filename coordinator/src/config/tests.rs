@@ -459,3 +459,49 @@ fn elastic_settings_have_defaults_and_min_workers_is_checked() {
     let i = &issues_for(&bad_resume, tmp.path())[0];
     assert_eq!(i.line, 7, "{i:?}");
 }
+
+#[test]
+fn devices_default_to_auto_and_gpus_per_node_sizes_a_local_job() {
+    use super::{CollectiveSetting, DeviceSetting};
+    let tmp = tempfile::tempdir().unwrap();
+    let c = parse(&fixture(tmp.path()), tmp.path()).unwrap();
+    assert_eq!(
+        (c.cluster.devices.device, c.cluster.devices.collective),
+        (DeviceSetting::Auto, CollectiveSetting::Auto)
+    );
+    assert!(!c.cluster.devices.binds_gpus());
+
+    // One local worker per GPU, without any variable.
+    let text = with_cluster(
+        tmp.path(),
+        "  launcher: local\n  world_size: auto\n  gpus_per_node: 4\n",
+    );
+    let c = parse_with_env(&text, tmp.path(), &|_: &str| None).unwrap();
+    assert_eq!(c.cluster.world_size, 4);
+    assert!(!c.cluster.world_size_deferred);
+    assert!(c.cluster.devices.binds_gpus());
+
+    // On Slurm gpus_per_node binds GPUs but the allocation sizes the job.
+    let slurm = with_cluster(
+        tmp.path(),
+        "  launcher: slurm\n  world_size: 16\n  gpus_per_node: 8\n  collective: nccl\n",
+    );
+    let c = parse(&slurm, tmp.path()).unwrap();
+    assert_eq!(c.cluster.world_size, 16);
+    assert_eq!(c.cluster.devices.collective, CollectiveSetting::Nccl);
+
+    let zero = with_cluster(
+        tmp.path(),
+        "  launcher: slurm\n  world_size: 2\n  gpus_per_node: 0\n",
+    );
+    assert_eq!(
+        issues_for(&zero, tmp.path())[0].field,
+        "cluster.gpus_per_node"
+    );
+    let cpu_gpus = with_cluster(
+        tmp.path(),
+        "  launcher: slurm\n  world_size: 2\n  device: cpu\n  gpus_per_node: 8\n",
+    );
+    let i = &issues_for(&cpu_gpus, tmp.path())[0];
+    assert_eq!((i.field.as_str(), i.line), ("cluster.gpus_per_node", 8));
+}

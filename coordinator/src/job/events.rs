@@ -1,6 +1,7 @@
 //! The job state machine's vocabulary: what goes in (events), what comes out (actions), and the
 //! domain types both carry.
 
+use super::devices::{Backend, DeviceKind, WorkerDevices};
 use crate::metrics::{EvalMetrics, StepMetrics};
 use ferrotune_data::manifest::FileDigest;
 
@@ -13,6 +14,7 @@ pub struct WorkerInfo {
     pub peer_address: String,
     /// The worker binary's version; must equal the coordinator's.
     pub version: String,
+    pub devices: WorkerDevices,
 }
 
 /// A worker's place in the current generation.
@@ -31,6 +33,10 @@ pub struct Assignment {
     /// Micro-batches per rank and step: raised when the group shrinks, so that the global
     /// batch stays the same.
     pub grad_accum_steps: u32,
+    pub device: DeviceKind,
+    pub backend: Backend,
+    /// With NCCL: rank 0's unique id.
+    pub nccl_id: Option<Vec<u8>>,
 }
 
 /// What a worker is doing, from its heartbeats: the progress watchdog only counts time in which
@@ -178,8 +184,17 @@ pub enum Action {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Succeeded { final_checkpoint: Option<String> },
-    Failed { reason: String },
+    Succeeded {
+        final_checkpoint: Option<String>,
+    },
+    Failed {
+        reason: String,
+    },
+    /// The workers cannot run the job as configured (no GPU for `device: cuda`, a mixed
+    /// group): a new attempt would meet the same refusal.
+    Refused {
+        reason: String,
+    },
     Interrupted,
 }
 

@@ -9,6 +9,7 @@
 //! workers are replaced by the launcher, and generation g+1 starts from the newest intact
 //! checkpoint once everyone has registered again (`failure.rs`).
 
+pub mod devices;
 mod events;
 mod failure;
 
@@ -92,6 +93,7 @@ pub struct JobParams {
     pub grad_accum_steps: u32,
     /// The fewest workers the job may continue on when lost ones do not come back.
     pub min_workers: u32,
+    pub devices: crate::config::DeviceConfig,
 }
 
 #[derive(Debug)]
@@ -385,22 +387,55 @@ impl Job {
         if !ready {
             return Vec::new();
         }
+        let order = self.rank_order();
+        let infos: Vec<&WorkerInfo> = order.iter().map(|id| &self.members[id].info).collect();
+        let resolved = match devices::resolve(self.params.devices, &infos) {
+            Ok(r) => r,
+            Err(reason) => return self.refuse_group(reason),
+        };
         self.phase = Phase::Running;
         self.last_progress = now;
-        vec![Action::Assign(self.assign_ranks(now))]
+        vec![Action::Assign(self.assign_ranks(order, &resolved, now))]
+    }
+
+    /// The group cannot run as configured: every waiting worker is told why, and the job ends.
+    fn refuse_group(&mut self, reason: String) -> Vec<Action> {
+        let mut actions: Vec<Action> = self
+            .members
+            .keys()
+            .map(|id| Action::Reject {
+                worker_id: id.clone(),
+                reason: reason.clone(),
+            })
+            .collect();
+        self.phase = Phase::Done;
+        actions.push(Action::StopWorkers {
+            reason: reason.clone(),
+        });
+        actions.push(Action::Done(Outcome::Refused { reason }));
+        actions
     }
 
     /// Stable ranks: ordered by host (numbers in names by value: n2 before n10, pod-2 before
     /// pod-10), then by the launcher's local index, then worker id. A replacement with the same
     /// identity gets the lost worker's rank.
-    fn assign_ranks(&mut self, now: Instant) -> Vec<(String, Assignment)> {
+    fn rank_order(&self) -> Vec<String> {
         let mut order: Vec<&Member> = self.members.values().collect();
         order.sort_by(|a, b| {
             natural_cmp(&a.info.host, &b.info.host)
                 .then(a.info.local_index.cmp(&b.info.local_index))
                 .then(a.info.worker_id.cmp(&b.info.worker_id))
         });
-        let ids: Vec<String> = order.iter().map(|m| m.info.worker_id.clone()).collect();
+        order.iter().map(|m| m.info.worker_id.clone()).collect()
+    }
+
+    fn assign_ranks(
+        &mut self,
+        ids: Vec<String>,
+        resolved: &devices::Resolved,
+        now: Instant,
+    ) -> Vec<(String, Assignment)> {
+        let order: Vec<&Member> = ids.iter().map(|id| &self.members[id]).collect();
         self.by_rank = ids.clone();
         let peers: Vec<String> = order.iter().map(|m| m.info.peer_address.clone()).collect();
         let mut per_host: BTreeMap<String, u32> = BTreeMap::new();
@@ -426,6 +461,9 @@ impl Job {
                     next_peer_address: peers[(rank + 1) % peers.len()].clone(),
                     resume_from: self.resume_from.clone(),
                     grad_accum_steps: self.grad_accum_steps,
+                    device: resolved.device,
+                    backend: resolved.backend,
+                    nccl_id: resolved.nccl_id.clone(),
                 },
             ));
         }

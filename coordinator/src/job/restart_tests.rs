@@ -19,6 +19,7 @@ fn params(world_size: u32, max_restarts: u32) -> JobParams {
         earlier_checkpoints: Vec::new(),
         grad_accum_steps: 2,
         min_workers: world_size,
+        devices: crate::config::DeviceConfig::default(),
     }
 }
 
@@ -29,6 +30,7 @@ fn register(id: &str, index: u32) -> Event {
         local_index: index,
         peer_address: format!("h:{}", 9000 + index),
         version: "1.2.3".into(),
+        devices: Default::default(),
     })
 }
 

@@ -17,6 +17,7 @@ fn params(world_size: u32) -> JobParams {
         earlier_checkpoints: Vec::new(),
         grad_accum_steps: 2,
         min_workers: world_size,
+        devices: crate::config::DeviceConfig::default(),
     }
 }
 
@@ -27,6 +28,7 @@ fn worker(id: &str, host: &str, local_index: u32) -> Event {
         local_index,
         peer_address: format!("{host}:{}", 9000 + local_index),
         version: "1.2.3".into(),
+        devices: Default::default(),
     })
 }
 
@@ -437,4 +439,48 @@ fn live_ranks_leave_out_the_finished_the_failed_and_the_silent() {
     let mut live = job.live_ranks(t0 + Duration::from_secs(12));
     live.sort();
     assert_eq!(live, vec![2]);
+}
+
+#[test]
+fn a_group_that_cannot_use_the_configured_device_is_refused_with_every_worker_told() {
+    use crate::config::{CollectiveSetting, DeviceConfig, DeviceSetting};
+    let t0 = Instant::now();
+    let mut p = params(2);
+    p.devices = DeviceConfig {
+        device: DeviceSetting::Cuda,
+        collective: CollectiveSetting::Auto,
+        gpus_per_node: None,
+    };
+    let mut job = Job::new(p, t0);
+    assert!(job.handle(worker("a", "h", 0), t0).is_empty());
+    let actions = job.handle(worker("b", "h", 1), t0);
+    let rejected: Vec<&str> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Reject { worker_id, reason } => {
+                assert!(reason.contains("cluster.device is cuda"), "{reason}");
+                Some(worker_id.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rejected, ["a", "b"]);
+    assert!(matches!(
+        actions.last(),
+        Some(Action::Done(Outcome::Refused { reason })) if reason.contains("2 of 2 workers cannot use CUDA")
+    ));
+    // No generation starts: a heartbeat of rank 0 is told to stop.
+    assert!(matches!(job.heartbeat_answer(1), HeartbeatAnswer::Stop(_)));
+}
+
+#[test]
+fn a_cpu_group_is_assigned_the_cpu_and_the_ring() {
+    let t0 = Instant::now();
+    let mut job = Job::new(params(1), t0);
+    let list = assignments(&job.handle(worker("a", "h", 0), t0));
+    let a = &list[0].1;
+    assert_eq!(
+        (a.device, a.backend, a.nccl_id.clone()),
+        (devices::DeviceKind::Cpu, devices::Backend::Ring, None)
+    );
 }

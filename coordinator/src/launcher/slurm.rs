@@ -216,13 +216,7 @@ impl SlurmLauncher {
         // Stable across a restart of the same slot, and distinct from every other task.
         let worker_id = format!("{}.{index}", self.allocation.job_id);
         let mut cmd = Command::new(&srun);
-        cmd.args(["--overlap", "--nodes=1", "--ntasks=1"])
-            .arg(format!("--nodelist={node}"))
-            .arg(format!("--job-name={STEP_NAME_PREFIX}{index}"));
-        if let Some(cpus) = self.allocation.cpus_per_task {
-            cmd.arg(format!("--cpus-per-task={cpus}"));
-        }
-        // GPU options (--gpus-per-task) arrive with the GPU issue.
+        cmd.args(self.step_options(node, index));
         cmd.arg(&plan.worker_binary)
             .arg("run")
             .arg("--coordinator")
@@ -243,6 +237,8 @@ pub struct SlurmLauncher {
     allocation: Allocation,
     placements: Vec<(String, u32)>,
     children: Children,
+    /// One GPU per task (`--gpus-per-task=1`): each worker sees exactly its own device.
+    gpu_per_task: bool,
 }
 
 impl SlurmLauncher {
@@ -253,7 +249,31 @@ impl SlurmLauncher {
             allocation,
             placements,
             children: Children::default(),
+            gpu_per_task: false,
         })
+    }
+
+    /// Binds one GPU to every worker step (the job's nodes have GPUs: `gpus_per_node` or
+    /// `device: cuda`).
+    pub fn with_gpu_per_task(mut self, bind: bool) -> Self {
+        self.gpu_per_task = bind;
+        self
+    }
+
+    /// The srun options of the worker step of slot `index` on `node`.
+    fn step_options(&self, node: &str, index: usize) -> Vec<String> {
+        let mut options: Vec<String> = ["--overlap", "--nodes=1", "--ntasks=1"]
+            .map(String::from)
+            .to_vec();
+        options.push(format!("--nodelist={node}"));
+        options.push(format!("--job-name={STEP_NAME_PREFIX}{index}"));
+        if let Some(cpus) = self.allocation.cpus_per_task {
+            options.push(format!("--cpus-per-task={cpus}"));
+        }
+        if self.gpu_per_task {
+            options.push("--gpus-per-task=1".into());
+        }
+        options
     }
 
     /// Cancels the steps this coordinator started that are still known to Slurm (after srun
@@ -383,5 +403,28 @@ mod tests {
         let e = Allocation::from_env(&|_| None).unwrap_err();
         assert!(matches!(e, SlurmError::NotInAllocation));
         assert!(e.hint().contains(EXAMPLE_SCRIPT), "{}", e.hint());
+    }
+
+    #[test]
+    fn gpu_jobs_bind_one_gpu_to_each_worker_step() {
+        let cpu = SlurmLauncher::new(allocation(&[2]), 2).unwrap();
+        let options = cpu.step_options("n1", 1);
+        assert_eq!(
+            options,
+            [
+                "--overlap",
+                "--nodes=1",
+                "--ntasks=1",
+                "--nodelist=n1",
+                "--job-name=ferrotune-worker-1"
+            ]
+        );
+        let gpu = SlurmLauncher::new(allocation(&[2]), 2)
+            .unwrap()
+            .with_gpu_per_task(true);
+        assert_eq!(
+            gpu.step_options("n1", 0).last().unwrap(),
+            "--gpus-per-task=1"
+        );
     }
 }

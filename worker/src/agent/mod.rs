@@ -9,7 +9,7 @@ pub use reporter::GrpcReporter;
 
 use crate::model::DType;
 use crate::precision::Precision;
-use crate::spec::{DatasetSpec, Placement, TrainSpec};
+use crate::spec::{Backend, DatasetSpec, Placement, TrainSpec};
 use crate::train::TrainPhase;
 use ferrotune_data::pack::Overlong;
 use ferrotune_data::record::Format;
@@ -121,19 +121,39 @@ impl Agent {
 
     #[tracing::instrument(skip(self, me), fields(worker_id = %me.worker_id))]
     pub async fn register(&self, me: &Identity) -> Result<(Placement, TrainSpec), AgentError> {
+        let inventory = crate::device::inventory();
+        let mut devices = vec![pb::Device {
+            kind: "cpu".into(),
+            index: 0,
+            name: "cpu".into(),
+            memory_bytes: 0,
+        }];
+        devices.extend(inventory.cuda.iter().map(|d| pb::Device {
+            kind: "cuda".into(),
+            index: d.index as u32,
+            name: d.name.clone(),
+            memory_bytes: d.memory_bytes,
+        }));
+        // Offered in case this worker becomes rank 0 (ranks are known only once the group is).
+        let mut nccl_unavailable = inventory.nccl_unavailable.clone();
+        let nccl_unique_id = match &nccl_unavailable {
+            Some(_) => Vec::new(),
+            None => crate::collective::nccl::unique_id().unwrap_or_else(|e| {
+                nccl_unavailable = Some(e.to_string());
+                Vec::new()
+            }),
+        };
         let request = pb::RegisterRequest {
             worker_id: me.worker_id.clone(),
             host: me.host.clone(),
             local_index: me.local_index,
-            devices: vec![pb::Device {
-                kind: "cpu".into(),
-                index: 0,
-                name: "cpu".into(),
-                memory_bytes: 0,
-            }],
+            devices,
             peer_address: me.peer_address.clone(),
             pid: std::process::id(),
             worker_version: ferrotune_proto::VERSION.into(),
+            cuda_unavailable: inventory.cuda_unavailable.unwrap_or_default(),
+            nccl_unavailable: nccl_unavailable.unwrap_or_default(),
+            nccl_unique_id,
         };
         let answer = self.client.clone().register(request).await?.into_inner();
         let a = answer
@@ -151,6 +171,13 @@ impl Agent {
             next_peer_address: a.next_peer_address,
             resume_from: (!a.resume_from.is_empty()).then(|| PathBuf::from(a.resume_from)),
             grad_accum_steps: (a.grad_accum_steps > 0).then_some(a.grad_accum_steps as usize),
+            backend: match pb::CollectiveBackend::try_from(a.backend) {
+                Ok(pb::CollectiveBackend::Nccl) => Backend::Nccl {
+                    unique_id: a.nccl_unique_id,
+                },
+                _ => Backend::Ring,
+            },
+            device: tch::Device::Cpu,
         };
         Ok((placement, spec_from_pb(s)?))
     }
@@ -280,5 +307,6 @@ fn spec_from_pb(s: pb::TrainingSpec) -> Result<TrainSpec, AgentError> {
         },
         bucket_bytes: s.bucket_bytes as usize,
         log_every_steps: s.log_every_steps.max(1) as u64,
+        device_kind: s.device.clone(),
     })
 }

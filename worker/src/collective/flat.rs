@@ -15,39 +15,49 @@ pub fn check_tensors(tensors: &[Tensor]) -> Result<(), CollectiveError> {
             return Err(CollectiveError::UnsupportedTensor {
                 kind: t.kind(),
                 device: t.device(),
+                expected: "fp32 tensors on the CPU (the TCP ring)",
             });
         }
     }
     Ok(())
 }
 
-/// The tensors' memory as one slice, when they are contiguous and each starts where the one
-/// before ends (empty tensors are skipped).
-pub fn as_one_slice(tensors: &mut [Tensor]) -> Option<&mut [f32]> {
+/// The tensors' memory as one region `(address, elements)`, when they share a dtype, are
+/// contiguous and each starts where the one before ends (empty tensors are skipped). Works for
+/// any device: the ring reads it as a host slice, NCCL passes the device address on.
+pub fn one_region(tensors: &[Tensor]) -> Option<(usize, usize)> {
     let mut start: Option<usize> = None;
     let mut end = 0usize;
     let mut total = 0usize;
+    let mut kind = None;
     for t in tensors.iter() {
         let n = t.numel();
         if n == 0 {
             continue;
         }
-        if !t.is_contiguous() {
+        if !t.is_contiguous() || kind.is_some_and(|k| k != t.kind()) {
             return None;
         }
+        kind = Some(t.kind());
         let p = t.data_ptr() as usize;
         match start {
             None => start = Some(p),
             Some(_) if p != end => return None,
             Some(_) => {}
         }
-        end = p + n * std::mem::size_of::<f32>();
+        end = p + n * t.kind().elt_size_in_bytes();
         total += n;
     }
-    let start = start?;
-    // SAFETY: the tensors are contiguous fp32 CPU tensors (checked by `check_tensors` and above)
-    // that tile start..end exactly, and `tensors` is borrowed mutably for the slice's lifetime,
-    // so the storage stays alive and nothing else in this thread touches it meanwhile.
+    Some((start?, total))
+}
+
+/// The tensors' memory as one slice, when they are one region (see [`one_region`]).
+pub fn as_one_slice(tensors: &mut [Tensor]) -> Option<&mut [f32]> {
+    let (start, total) = one_region(tensors)?;
+    // SAFETY: the tensors are contiguous fp32 CPU tensors (checked by `check_tensors` before
+    // the ring calls this) that tile `total` elements from `start` exactly, and `tensors` is
+    // borrowed mutably for the slice's lifetime, so the storage stays alive and nothing else in
+    // this thread touches it meanwhile.
     Some(unsafe { std::slice::from_raw_parts_mut(start as *mut f32, total) })
 }
 
@@ -118,6 +128,16 @@ mod tests {
         assert!(as_one_slice(&mut reordered).is_none());
         let mut strided = vec![flat.view([2, 5]).transpose(0, 1)];
         assert!(as_one_slice(&mut strided).is_none());
+        // The region is counted in elements of the tensors' dtype, and one dtype only.
+        let doubles = Tensor::arange(6, (Kind::Double, Device::Cpu));
+        let halves = [doubles.narrow(0, 0, 2), doubles.narrow(0, 2, 4)];
+        assert_eq!(one_region(&halves), Some((doubles.data_ptr() as usize, 6)));
+        let bytes = Tensor::zeros([16], (Kind::Uint8, Device::Cpu));
+        let mixed = [
+            bytes.narrow(0, 0, 8).view_dtype(Kind::Float),
+            bytes.narrow(0, 8, 8).view_dtype(Kind::Double),
+        ];
+        assert_eq!(one_region(&mixed), None);
 
         // The packing path round-trips, whatever the layout.
         let mut bucket = Vec::new();

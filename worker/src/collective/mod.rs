@@ -5,6 +5,7 @@
 //! model with hundreds of small tensors costs a few large transfers, not hundreds of small ones.
 
 pub mod flat;
+pub mod nccl;
 mod pipeline;
 pub mod ring;
 
@@ -36,8 +37,18 @@ pub enum CollectiveError {
     NoIncoming { peer: usize, timeout: Duration },
     #[error("collective setup: {0}")]
     Setup(String),
-    #[error("all-reduce needs fp32 tensors on the CPU, got {kind:?} on {device:?}")]
-    UnsupportedTensor { kind: Kind, device: tch::Device },
+    #[error("the collective reduces {expected}, got {kind:?} on {device:?}")]
+    UnsupportedTensor {
+        kind: Kind,
+        device: tch::Device,
+        expected: &'static str,
+    },
+    /// NCCL failed, timed out or was aborted (the generation ended); the communicator is gone.
+    #[error("NCCL {during}: {message}")]
+    Nccl {
+        during: &'static str,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
