@@ -9,6 +9,7 @@ use crate::job::devices::Backend;
 use crate::job::{Action, Event, HeartbeatAnswer, Job, JobParams, Outcome};
 use crate::launcher::{LaunchPlan, Launcher, LauncherEvent};
 use crate::lease::{Lease, LeaseError};
+use crate::observe::{self, Observer};
 use crate::progress::Progress;
 use crate::restarts;
 use crate::resume;
@@ -53,6 +54,8 @@ pub struct JobReport {
 pub struct Startup {
     /// Bound by `endpoint::bind` before anything else was done.
     pub listener: std::net::TcpListener,
+    /// `observe.listen`, bound as early: the dashboard, /metrics and /api/status.
+    pub observe_listener: std::net::TcpListener,
     pub token: String,
     pub worker_binary: PathBuf,
     pub launcher: Box<dyn Launcher>,
@@ -63,6 +66,7 @@ pub struct Startup {
 pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, DriverError> {
     let Startup {
         listener,
+        observe_listener,
         token,
         worker_binary,
         mut launcher,
@@ -104,11 +108,24 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
     });
     tracing::info!(address = %local, job = %config.name, world_size = config.cluster.world_size, "coordinator listening");
     println!("workers dial: {url}");
+    let observer = Observer::new(
+        &config.name,
+        config.steps,
+        config.cluster.world_size,
+        &config.checkpoint_dir,
+    );
+    let (observe_stop, observe_stopped) = oneshot::channel::<()>();
+    let observe_addr = observe_listener.local_addr().map_err(DriverError::Listen)?;
+    observe::start(observe_listener, observer.clone(), observe_stopped)
+        .map_err(DriverError::Listen)?;
+    let dashboard = endpoint::worker_url(observe_addr, config.cluster.advertise.as_deref());
+    println!("dashboard: {dashboard}/");
 
     let (launcher_tx, mut launcher_events) = mpsc::unbounded_channel();
     let mut progress = Progress::new(config.steps, config.log_every_steps as u64);
     if let Some(r) = &config.resume {
         progress.resumed(r.step, &r.dir);
+        observer.resumed(r.step, &r.dir);
     }
     let plan = LaunchPlan {
         world_size: config.cluster.world_size,
@@ -166,6 +183,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
     if launcher.tracks_exits() {
         tracing::info!(logs = %plan.log_dir.display(), "started {} workers", config.cluster.world_size);
     }
+    observer.rendezvous();
 
     let mut pending: HashMap<String, oneshot::Sender<Reply>> = HashMap::new();
     // Per staged checkpoint: (training stall, write time) in seconds, until it is committed.
@@ -186,7 +204,9 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
             Some(done) = commits.recv() => {
                 let CommitDone { step, is_final, result, writer } = done;
                 if let Ok(path) = &result {
-                    let timing = match timings.remove(&step) {
+                    let measured = timings.remove(&step);
+                    observer.checkpoint(step, path, measured);
+                    let timing = match measured {
                         Some((stall, write)) => format!(" (training held up {stall:.3} s; written in the background in {write:.2} s)"),
                         None => String::new(),
                     };
@@ -220,7 +240,12 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         };
         let is_registering = |id: &str| registering.as_ref().is_some_and(|(r, _)| r == id);
         let heartbeat_of = match &event {
-            Event::Heartbeat { generation, .. } => Some(*generation),
+            Event::Heartbeat {
+                generation, rank, ..
+            } => {
+                observer.heartbeat(*rank);
+                Some(*generation)
+            }
             _ => None,
         };
         if let Event::CheckpointReady { step, timing, .. } = &event {
@@ -265,12 +290,15 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                                 config.cluster.world_size
                             ));
                         }
+                        let mut roster = Vec::new();
                         for (rank, w) in job.roster() {
                             progress.message(format!(
                                 "rank {rank}: worker {} on host {} (collective {})",
                                 w.worker_id, w.host, w.peer_address
                             ));
+                            roster.push((rank, w.worker_id.clone(), w.host.clone()));
                         }
+                        observer.generation(generation, roster);
                     }
                     Action::Reject { worker_id, reason } => {
                         // A whole group refused for one reason is logged once.
@@ -305,6 +333,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                         reason,
                         replace,
                     } => {
+                        observer.restart(generation, restart, &reason);
                         progress.message(format!(
                             "restart {restart} of {max}: {reason}; generation {generation} forms{}",
                             if replace.is_empty() {
@@ -356,8 +385,14 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                     } => progress.message(format!(
                         "continuing on {to} of {from} workers: the lost ones did not come back within cluster.rejoin_timeout_s; the global batch stays the same (gradient accumulation {before} -> {after}), so from here the run equals one on {to} workers"
                     )),
-                    Action::Progress(m) => progress.step(&m),
-                    Action::Eval(m) => progress.eval(&m),
+                    Action::Progress(m) => {
+                        observer.step(&m);
+                        progress.step(&m);
+                    }
+                    Action::Eval(m) => {
+                        observer.eval(&m);
+                        progress.eval(&m);
+                    }
                     Action::Commit {
                         step,
                         staging_dir,
@@ -424,6 +459,13 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         }
     };
     progress.finish();
+    match &outcome {
+        Outcome::Succeeded { .. } => observer.finished("succeeded", None),
+        Outcome::Failed { reason } | Outcome::Refused { reason } => {
+            observer.finished("failed", Some(reason.clone()))
+        }
+        Outcome::Interrupted => observer.finished("interrupted", None),
+    }
     // Make sure nothing outlives the job, whatever the outcome.
     launcher.stop_all(STOP_GRACE).await;
     if !launcher.tracks_exits() {
@@ -450,6 +492,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
     if tokio::time::timeout(SERVER_CLOSE, server).await.is_err() {
         abort.abort();
     }
+    let _ = observe_stop.send(());
     Ok(JobReport {
         outcome,
         damaged: job.damaged_checkpoint().cloned(),

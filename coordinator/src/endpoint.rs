@@ -7,9 +7,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, ToSocketAddrs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
-    #[error("cannot listen for workers on {addr} (cluster.listen): {source}")]
+    #[error("cannot listen for {purpose} on {addr} ({field}): {source}")]
     Bind {
         addr: SocketAddr,
+        purpose: &'static str,
+        field: &'static str,
         source: std::io::Error,
     },
     #[error(
@@ -42,11 +44,27 @@ impl EndpointError {
 /// Binds the gRPC listener. Done before any dataset is read or worker started, so a bad address
 /// costs nothing.
 pub fn bind(addr: SocketAddr) -> Result<TcpListener, EndpointError> {
-    let listener =
-        TcpListener::bind(addr).map_err(|source| EndpointError::Bind { addr, source })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| EndpointError::Bind { addr, source })?;
+    bind_for(addr, "workers", "cluster.listen")
+}
+
+/// Binds the dashboard and metrics listener (`observe.listen`), with the same early refusal.
+pub fn bind_observer(addr: SocketAddr) -> Result<TcpListener, EndpointError> {
+    bind_for(addr, "the dashboard and /metrics", "observe.listen")
+}
+
+fn bind_for(
+    addr: SocketAddr,
+    purpose: &'static str,
+    field: &'static str,
+) -> Result<TcpListener, EndpointError> {
+    let error = |source| EndpointError::Bind {
+        addr,
+        purpose,
+        field,
+        source,
+    };
+    let listener = TcpListener::bind(addr).map_err(error)?;
+    listener.set_nonblocking(true).map_err(error)?;
     Ok(listener)
 }
 

@@ -14,6 +14,7 @@ pub mod launcher;
 pub mod lease;
 pub mod metrics;
 mod natural;
+pub mod observe;
 pub mod progress;
 pub mod restarts;
 pub mod resume;

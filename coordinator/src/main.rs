@@ -199,12 +199,15 @@ fn prepare_startup(c: &config::JobConfig) -> Result<driver::Startup, ExitCode> {
     };
     let token = endpoint::job_token(c, &env).map_err(|e| bad_input(&e, e.hint()))?;
     let listener = endpoint::bind(c.cluster.listen).map_err(|e| bad_input(&e, e.hint()))?;
+    let observe_listener =
+        endpoint::bind_observer(c.observe.listen).map_err(|e| bad_input(&e, e.hint()))?;
     // Last of the refusals, first write: nothing under checkpoint.dir is touched before this.
     let lease = lease::Lease::acquire(&c.checkpoint_dir, &c.name, c.checkpoint_lease_timeout)
         .map_err(|e| bad_input(&e, e.hint()))?;
     Ok(driver::Startup {
         lease,
         listener,
+        observe_listener,
         token,
         worker_binary,
         launcher,

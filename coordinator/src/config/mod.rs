@@ -18,6 +18,8 @@ struct ClusterFile {
     data: DataSection,
     training: TrainingSection,
     checkpoint: CheckpointSection,
+    #[serde(default)]
+    observe: Option<ObserveSection>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +178,7 @@ pub struct JobConfig {
     /// The resume was chosen by `cluster.resume: auto` (a restarted coordinator): the job's
     /// restart count carries over. A person's `--resume` or a fresh start begins at zero.
     pub resume_keeps_restarts: bool,
+    pub observe: ObserveConfig,
 }
 
 /// Reads and validates a cluster.yaml. Relative paths in it are relative to the file's directory.
@@ -468,6 +471,7 @@ impl Checks<'_> {
             },
         };
 
+        let observe = self.observe(f.observe.as_ref());
         JobConfig {
             source: PathBuf::new(),
             name: f.job.name,
@@ -497,6 +501,7 @@ impl Checks<'_> {
             precision,
             resume: None,
             resume_keeps_restarts: false,
+            observe,
         }
     }
 }
@@ -527,6 +532,7 @@ mod cluster;
 mod data;
 mod devices;
 mod issues;
+mod observe;
 use cluster::ClusterSection;
 pub use cluster::{ClusterConfig, LauncherKind, ResumeSetting, WORLD_SIZE_ENVS};
 use data::DataSection;
@@ -534,6 +540,8 @@ pub use data::{DataConfig, DatasetConfig};
 pub use devices::{CollectiveSetting, DeviceConfig, DeviceSetting};
 use issues::yaml_issue;
 pub use issues::{ConfigError, Issue};
+pub use observe::ObserveConfig;
+use observe::ObserveSection;
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -1,0 +1,170 @@
+//! Watching a run: `/metrics`, scraped while the tiny job trains, parses with Prometheus' own
+//! OpenMetrics parser, its counters only increase and its values are those of the step lines;
+//! `/api/status` and `<checkpoint.dir>/metrics.jsonl` hold the same history.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const JOB: &str = "{job=tiny-incidents}";
+
+/// Step number → the loss its step line printed (4 decimals).
+fn step_lines(stdout: &str) -> BTreeMap<u64, String> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("step")?;
+            let (step, rest) = rest.trim_start().split_once('/')?;
+            let loss = rest.split("| loss ").nth(1)?.split_whitespace().next()?;
+            Some((step.parse().ok()?, loss.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_status_and_history_agree_with_the_step_lines() {
+    let _serial = serial();
+    let Some(python) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_example(tmp.path());
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("  log_every_steps: 5", "  log_every_steps: 1"),
+    )
+    .unwrap();
+    let mut run = Launch::start(&config);
+    let line = run.wait_for_line(Duration::from_secs(60), |l| l.starts_with("dashboard: "));
+    let url = line.trim_start_matches("dashboard: ").trim().to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let out = tmp.path().join("scrapes.json");
+    let mut scraper = std::process::Command::new(&python)
+        .arg(repo_root().join("tests/observe/scrape.py"))
+        .arg(&url)
+        .arg(&out)
+        .spawn()
+        .unwrap();
+    let status = run.wait(Duration::from_secs(300));
+    assert!(status.success(), "{}", run.stderr_text());
+    assert!(scraper.wait().unwrap().success());
+    let lines = step_lines(&run.stdout_text());
+    assert_eq!(lines.len(), 60, "{}", run.stdout_text());
+
+    let scraped: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let scrapes = scraped["scrapes"].as_array().unwrap();
+    let training: Vec<&Value> = scrapes
+        .iter()
+        .filter(|s| s["samples"][format!("ferrotune_step{JOB}")].as_f64() > Some(0.0))
+        .collect();
+    assert!(
+        training.len() >= 5,
+        "only {} scrapes during training",
+        training.len()
+    );
+    for s in scrapes {
+        assert!(
+            s["content_type"]
+                .as_str()
+                .unwrap()
+                .starts_with("application/openmetrics-text"),
+            "{}",
+            s["content_type"]
+        );
+    }
+    // Counters (and a histogram's count, sum and buckets) never go down.
+    let monotone = |name: &str| {
+        name.contains("_total{")
+            || name.contains("_count{")
+            || name.contains("_sum{")
+            || name.contains("_bucket{")
+    };
+    for pair in scrapes.windows(2) {
+        for (name, before) in pair[0]["samples"].as_object().unwrap() {
+            if !monotone(name) {
+                continue;
+            }
+            let after = pair[1]["samples"][name].as_f64().unwrap_or(f64::NAN);
+            assert!(
+                after >= before.as_f64().unwrap(),
+                "{name} went from {before} to {after}"
+            );
+        }
+    }
+    // Every scrape's step and loss are one of the step lines.
+    for s in &training {
+        let samples = &s["samples"];
+        let step = samples[format!("ferrotune_step{JOB}")].as_f64().unwrap() as u64;
+        let loss = samples[format!("ferrotune_loss{JOB}")].as_f64().unwrap();
+        assert_eq!(
+            format!("{loss:.4}"),
+            lines[&step],
+            "loss at step {step} in /metrics vs the step line"
+        );
+        let steps_total = samples[format!("ferrotune_optimizer_steps_total{JOB}")].as_f64();
+        assert_eq!(steps_total, Some(step as f64));
+        assert_eq!(
+            samples[format!("ferrotune_total_steps{JOB}")].as_f64(),
+            Some(60.0)
+        );
+        assert_eq!(
+            samples["ferrotune_job_state{job=tiny-incidents,state=training}"].as_f64(),
+            Some(1.0)
+        );
+        for rank in 0..2 {
+            let age = &samples
+                [format!("ferrotune_heartbeat_age_seconds{{job=tiny-incidents,rank={rank}}}")];
+            assert!(
+                age.as_f64().is_some_and(|a| (0.0..10.0).contains(&a)),
+                "rank {rank}: {age}"
+            );
+        }
+    }
+
+    // The history: one step record per step, as printed; evals, checkpoints, start and end.
+    let history =
+        std::fs::read_to_string(tmp.path().join("runs/checkpoints/metrics.jsonl")).unwrap();
+    let records: Vec<Value> = history
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: BTreeMap<u64, f64> = records
+        .iter()
+        .filter(|r| r["type"] == "step")
+        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(records.iter().filter(|r| r["type"] == "step").count(), 60);
+    for (step, loss) in &steps {
+        assert_eq!(
+            format!("{loss:.4}"),
+            lines[step],
+            "step {step} in metrics.jsonl"
+        );
+    }
+    let kinds = |kind: &str| records.iter().filter(|r| r["type"] == kind).count();
+    assert_eq!(
+        (kinds("start"), kinds("end"), kinds("checkpoint")),
+        (1, 1, 2)
+    );
+    assert_eq!(kinds("eval"), 2, "before and after");
+    assert_eq!(records.last().unwrap()["outcome"], "succeeded");
+
+    // /api/status from the middle of the run: the same curve, the workers, an ETA.
+    let status = &scraped["status"];
+    assert_eq!(status["job"], "tiny-incidents");
+    let history = status["history"].as_array().unwrap();
+    assert!(history.len() >= 20, "{}", history.len());
+    for (i, point) in history.iter().enumerate() {
+        let step = point["step"].as_u64().unwrap();
+        assert_eq!(
+            step,
+            i as u64 + 1,
+            "the curve has every step once, in order"
+        );
+        assert_eq!(point["loss"].as_f64().unwrap(), steps[&step], "step {step}");
+    }
+    assert_eq!(status["workers"].as_array().unwrap().len(), 2);
+    assert!(status["eta_seconds"].as_f64().is_some_and(|s| s > 0.0));
+    assert_eq!(status["evals"][0]["phase"], "before");
+}
