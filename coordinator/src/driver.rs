@@ -120,6 +120,11 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         .map_err(DriverError::Listen)?;
     let dashboard = endpoint::worker_url(observe_addr, config.cluster.advertise.as_deref());
     println!("dashboard: {dashboard}/");
+    // For `coordinator status <dir>`; a few bytes, before the event loop starts.
+    let dashboard_file = config.checkpoint_dir.join(crate::status::DASHBOARD_FILE);
+    if let Err(e) = std::fs::write(&dashboard_file, format!("{dashboard}/\n")) {
+        tracing::warn!("cannot write {}: {e}", dashboard_file.display());
+    }
 
     let (launcher_tx, mut launcher_events) = mpsc::unbounded_channel();
     let mut progress = Progress::new(config.steps, config.log_every_steps as u64);
@@ -493,6 +498,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         abort.abort();
     }
     let _ = observe_stop.send(());
+    let _ = std::fs::remove_file(&dashboard_file);
     Ok(JobReport {
         outcome,
         damaged: job.damaged_checkpoint().cloned(),

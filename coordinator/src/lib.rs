@@ -19,6 +19,7 @@ pub mod progress;
 pub mod restarts;
 pub mod resume;
 pub mod server;
+pub mod status;
 
 use std::path::PathBuf;
 

@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ferrotune_coordinator::{
     checkpoint, config, datacheck, driver, endpoint, job::Outcome, launcher, lease,
-    resolve_worker_binary, resume,
+    resolve_worker_binary, resume, status,
 };
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -41,6 +41,15 @@ enum Command {
     },
     /// Check a config and every line of its datasets without starting anything.
     Validate { config: PathBuf },
+    /// Summarise a running or finished job: live from its dashboard when it answers, else from
+    /// <checkpoint.dir>/metrics.jsonl and its checkpoints.
+    Status {
+        /// A cluster.yaml, a checkpoint.dir, or a dashboard URL (http://HOST:PORT/).
+        target: String,
+        /// The full status as JSON (the same fields as /api/status).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 const EXIT_FAILED: u8 = 1;
@@ -90,6 +99,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
+        Command::Status { target, json } => status(&target, json),
         Command::Validate { config } => {
             let c = match load(&config, config::Purpose::Validate) {
                 Ok(c) => c,
@@ -159,6 +169,42 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_FAILED)
                 }
             }
+        }
+    }
+}
+
+fn status(target: &str, as_json: bool) -> ExitCode {
+    let found = if target.starts_with("http://") || target.starts_with("https://") {
+        status::live(target)
+    } else {
+        let path = Path::new(target);
+        let dir = if path.is_file() {
+            match load(path, config::Purpose::Validate) {
+                Ok(c) => c.checkpoint_dir,
+                Err(code) => return code,
+            }
+        } else if path.is_dir() {
+            path.to_path_buf()
+        } else {
+            return bad_input(
+                format!("{target} is neither a file, a directory nor a URL"),
+                "name the job's cluster.yaml, its checkpoint.dir, or its dashboard URL",
+            );
+        };
+        status::of_dir(&dir)
+    };
+    match found {
+        Ok(s) if as_json => {
+            println!("{s:#}");
+            ExitCode::SUCCESS
+        }
+        Ok(s) => {
+            println!("{}", status::summary(&s));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
         }
     }
 }

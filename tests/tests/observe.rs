@@ -168,3 +168,146 @@ fn metrics_status_and_history_agree_with_the_step_lines() {
     assert!(status["eta_seconds"].as_f64().is_some_and(|s| s > 0.0));
     assert_eq!(status["evals"][0]["phase"], "before");
 }
+
+/// Chromium, installed when missing (CI is root); None (skipped, saying why) where it cannot be.
+fn chromium() -> Option<std::path::PathBuf> {
+    let out = std::process::Command::new("bash")
+        .arg(repo_root().join("tests/infra/chromium.sh"))
+        .output()
+        .unwrap();
+    let found = out.status.success();
+    if !common::netns::prerequisite(
+        found,
+        &format!(
+            "no Chromium for the dashboard test: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    ) {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&out.stdout).trim().into())
+}
+
+/// Runs headless Chromium on `url`: the DOM after the page's script ran, and its log.
+fn headless(chromium: &std::path::Path, url: &str, extra: &[&str]) -> (String, String) {
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+        ])
+        .args([
+            "--enable-logging=stderr",
+            "--v=0",
+            "--window-size=1400,1000",
+        ])
+        .arg("--virtual-time-budget=4000")
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The value of `attr` on the element with `id` in a dumped DOM, HTML entities decoded.
+fn attribute(dom: &str, id: &str, attr: &str) -> String {
+    let at = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in the page"));
+    let tag_end = at + dom[at..].find('>').unwrap();
+    let tag = &dom[dom[..at].rfind('<').unwrap()..tag_end];
+    let start = tag
+        .find(&format!("{attr}=\""))
+        .unwrap_or_else(|| panic!("#{id} has no {attr}: {tag}"))
+        + attr.len()
+        + 2;
+    let value = &tag[start..start + tag[start..].find('"').unwrap()];
+    value.replace("&quot;", "\"").replace("&amp;", "&")
+}
+
+#[test]
+fn the_dashboard_plots_the_status_history_without_console_errors() {
+    let _serial = serial();
+    let Some(chromium) = chromium() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_example(tmp.path());
+    let mut run = Launch::start(&config);
+    let line = run.wait_for_line(Duration::from_secs(60), |l| l.starts_with("dashboard: "));
+    let url = line.trim_start_matches("dashboard: ").trim().to_string();
+    // Wait for some history to plot.
+    run.wait_for_line(Duration::from_secs(120), |l| l.starts_with("step    20/"));
+    let shot = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let (dom, log) = headless(&chromium, &url, &["--dump-dom"]);
+    let status: Value = serde_json::from_str(
+        &std::process::Command::new(&chromium)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+            .arg(format!("{url}api/status"))
+            .output()
+            .map(|o| {
+                let text = String::from_utf8_lossy(&o.stdout).into_owned();
+                // Chromium wraps a JSON document in <pre>.
+                let body = text.split("<pre>").nth(1).unwrap_or(&text);
+                body.split("</pre>").next().unwrap().replace("&quot;", "\"")
+            })
+            .unwrap(),
+    )
+    .unwrap();
+    headless(
+        &chromium,
+        &url,
+        &[&format!("--screenshot={}", shot.display())],
+    );
+    assert!(run.wait(Duration::from_secs(300)).success());
+
+    assert!(
+        !log.contains("CONSOLE"),
+        "the page logged to its console:\n{log}"
+    );
+    assert!(
+        !dom.contains(">connecting<"),
+        "the page never loaded its status"
+    );
+    // Every plotted loss and learning-rate point is the status history's at that step (the
+    // status was read just after the page, so it may have a few more).
+    let history: BTreeMap<u64, (f64, f64)> = status["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let v = |k: &str| p[k].as_f64().unwrap();
+            (p["step"].as_u64().unwrap(), (v("loss"), v("lr")))
+        })
+        .collect();
+    let plotted: Vec<Vec<Vec<f64>>> =
+        serde_json::from_str(&attribute(&dom, "loss-chart", "data-points")).unwrap();
+    let train = &plotted[0];
+    assert!(train.len() >= 20, "{} points plotted", train.len());
+    for p in train {
+        assert_eq!(history[&(p[0] as u64)].0, p[1], "loss at step {}", p[0]);
+    }
+    assert_eq!(plotted[1].len(), 1, "the held-out loss before training");
+    let lr: Vec<Vec<Vec<f64>>> =
+        serde_json::from_str(&attribute(&dom, "lr-chart", "data-points")).unwrap();
+    assert_eq!(lr[0].len(), train.len());
+    for p in &lr[0] {
+        assert_eq!(history[&(p[0] as u64)].1, p[1], "lr at step {}", p[0]);
+    }
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{}",
+        shot.display()
+    );
+    eprintln!("dashboard screenshot: {}", shot.display());
+}

@@ -140,6 +140,40 @@ fn interrupted_then_resumed(dtype: Option<&str>) {
     };
     assert_eq!(after(&straight), after(&resumed));
     assert!(after(&resumed).is_some());
+
+    // The history of both runs (steps past `from` were trained twice) holds every step once,
+    // as the resumed run trained it.
+    let status_of = |root: &Path| -> serde_json::Value {
+        let mut cmd = Command::new(bin("coordinator"));
+        cmd.arg("status").arg(checkpoints(root)).arg("--json");
+        serde_json::from_str(&stdout_of(&mut cmd)).unwrap()
+    };
+    let status = status_of(dir.path());
+    assert_eq!(status["source"], "history");
+    assert_eq!(status["state"], "succeeded");
+    assert_eq!(status["resumed"], serde_json::json!([from]));
+    let steps: Vec<u64> = status["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>());
+    let straight_status = status_of(straight_dir.path());
+    // Bit-identical training: the same losses, rates and norms (the timings differ).
+    let figures = |s: &serde_json::Value| -> Vec<serde_json::Value> {
+        s["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| serde_json::json!([p["step"], p["loss"], p["lr"], p["grad_norm"]]))
+            .collect()
+    };
+    assert_eq!(
+        figures(&status),
+        figures(&straight_status),
+        "the resumed history equals the straight run's"
+    );
 }
 
 #[test]
