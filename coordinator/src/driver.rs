@@ -112,6 +112,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         &config.name,
         config.steps,
         config.cluster.world_size,
+        config.cluster.heartbeat_interval,
         &config.checkpoint_dir,
     );
     let (observe_stop, observe_stopped) = oneshot::channel::<()>();

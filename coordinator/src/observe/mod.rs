@@ -69,6 +69,8 @@ struct State {
     generation: u64,
     restarts: u32,
     started: Instant,
+    /// A worker whose last heartbeat is older than this shows as silent (three missed beats).
+    silent_after: f64,
 }
 
 /// Shared by the driver (writes) and the HTTP server (reads).
@@ -79,7 +81,13 @@ pub struct Observer {
 }
 
 impl Observer {
-    pub fn new(job: &str, total_steps: u64, world_size: u32, checkpoint_dir: &Path) -> Arc<Self> {
+    pub fn new(
+        job: &str,
+        total_steps: u64,
+        world_size: u32,
+        heartbeat_interval: std::time::Duration,
+        checkpoint_dir: &Path,
+    ) -> Arc<Self> {
         let prom = prom::Instruments::new(job);
         prom.total_steps(total_steps);
         prom.state("starting");
@@ -104,6 +112,7 @@ impl Observer {
                 generation: 0,
                 restarts: 0,
                 started: Instant::now(),
+                silent_after: 3.0 * heartbeat_interval.as_secs_f64(),
             }),
             prom,
             history: Mutex::new(history),
@@ -290,7 +299,7 @@ impl Observer {
                 json!({
                     "rank": w.rank, "worker_id": w.worker_id, "host": w.host,
                     "last_heartbeat_seconds": age,
-                    "state": if age > 5.0 { "silent" } else { "alive" },
+                    "state": if age > s.silent_after { "silent" } else { "alive" },
                 })
             })
             .collect();

@@ -286,6 +286,23 @@ impl Launch {
         }
     }
 
+    /// Waits for a refusal: exit code 2 within `limit`, no panic, and no process of this run
+    /// alive `settle` later. Returns stderr for the caller's checks of the message.
+    pub fn refused(&mut self, what: &str, limit: Duration, settle: Duration) -> String {
+        let status = self.wait(limit);
+        let err = self.stderr_text();
+        assert_eq!(status.code(), Some(2), "{what}: exit code; stderr:\n{err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+            "{what}:\n{err}"
+        );
+        assert!(
+            wait_no_tagged(&self.tag, settle).is_empty(),
+            "{what}: processes left behind"
+        );
+        err
+    }
+
     pub fn stdout_text(&self) -> String {
         self.stdout.lock().unwrap().join("\n")
     }
