@@ -126,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
                     generation,
                     step: 0,
                     phase: pb::WorkerPhase::Training as i32,
+                    ..Default::default()
                 };
                 let sent = Instant::now();
                 let answer = client

@@ -247,9 +247,12 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         let is_registering = |id: &str| registering.as_ref().is_some_and(|(r, _)| r == id);
         let heartbeat_of = match &event {
             Event::Heartbeat {
-                generation, rank, ..
+                generation,
+                rank,
+                telemetry,
+                ..
             } => {
-                observer.heartbeat(*rank);
+                observer.heartbeat(*rank, telemetry);
                 Some(*generation)
             }
             _ => None,

@@ -15,6 +15,7 @@ pub mod lease;
 pub mod metrics;
 mod natural;
 pub mod observe;
+pub mod plan;
 pub mod progress;
 pub mod restarts;
 pub mod resume;

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ferrotune_coordinator::{
-    checkpoint, config, datacheck, driver, endpoint, job::Outcome, launcher, lease,
+    checkpoint, config, datacheck, driver, endpoint, job::Outcome, launcher, lease, plan,
     resolve_worker_binary, resume, status,
 };
 use std::path::{Path, PathBuf};
@@ -38,6 +38,24 @@ enum Command {
         /// position. Without a value: the newest one under checkpoint.dir.
         #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = resume::LATEST)]
         resume: Option<String>,
+        /// Memory one worker may use (GPU memory on a CUDA job), e.g. 80GiB: the job is refused
+        /// when the estimate (`coordinator plan`) exceeds it. Default for local CPU workers: this
+        /// host's available memory shared among them.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        device_memory: Option<u64>,
+        /// Start even when the memory estimate says the job does not fit.
+        #[arg(long)]
+        ignore_fit: bool,
+    },
+    /// Estimate each worker's memory, term by term, and whether it fits; starts nothing.
+    Plan {
+        config: PathBuf,
+        /// Memory one worker may use (GPU memory on a CUDA job), e.g. 80GiB.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        device_memory: Option<u64>,
+        /// The plan as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Check a config and every line of its datasets without starting anything.
     Validate { config: PathBuf },
@@ -50,6 +68,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    config::parse_size(text)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("`{text}`: expected a size such as 80GiB, 16GB or 512MiB"))
 }
 
 const EXIT_FAILED: u8 = 1;
@@ -121,11 +145,49 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Launch { config, resume } => {
+        Command::Plan {
+            config,
+            device_memory,
+            json,
+        } => {
+            let c = match load(&config, config::Purpose::Validate) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match plan::Plan::for_job(&c, device_memory) {
+                Ok(p) if json => {
+                    let mut v = serde_json::to_value(&p).unwrap_or_default();
+                    v["fits"] = serde_json::Value::Bool(p.check().is_ok());
+                    println!("{v:#}");
+                    ExitCode::SUCCESS
+                }
+                Ok(p) => {
+                    println!("{p}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => bad_input(e, "point model.path at a Hugging Face model directory"),
+            }
+        }
+        Command::Launch {
+            config,
+            resume,
+            device_memory,
+            ignore_fit,
+        } => {
             let mut c = match load(&config, config::Purpose::Launch) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if !ignore_fit {
+                // An estimate that cannot be made is no reason to refuse: the worker reads the
+                // model config itself and says what is wrong with it.
+                if let Ok(Err(reason)) = plan::Plan::for_job(&c, device_memory).map(|p| p.check()) {
+                    return bad_input(
+                        reason,
+                        "or start anyway with --ignore-fit (the estimate may overstate)",
+                    );
+                }
+            }
             // Everything that can be refused without reading data comes first.
             let startup = match prepare_startup(&c) {
                 Ok(s) => s,

@@ -4,7 +4,8 @@
 use crate::config::{JobConfig, ModelInit};
 use crate::job::devices::{Backend, WorkerDevices};
 use crate::job::{
-    Assignment, EvalMetrics, Event, HeartbeatAnswer, StepMetrics, TaskEval, WorkerInfo, WorkerPhase,
+    Assignment, EvalMetrics, Event, HeartbeatAnswer, StepMetrics, TaskEval, Telemetry, WorkerInfo,
+    WorkerPhase,
 };
 use ferrotune_data::manifest::FileDigest;
 use ferrotune_proto::v1 as pb;
@@ -224,6 +225,11 @@ impl Coordinator for Service {
                 rank: r.rank,
                 generation: r.generation,
                 phase,
+                telemetry: Telemetry {
+                    memory_baseline: r.memory_baseline_bytes,
+                    memory_peak: r.memory_peak_bytes,
+                    step_seconds: r.step_seconds,
+                },
             })
             .await?;
         let (command, reason) = match reply {
@@ -406,6 +412,7 @@ mod tests {
             generation: 1,
             step: 0,
             phase: pb::WorkerPhase::Training as i32,
+            ..Default::default()
         };
 
         let err = client.heartbeat(beat()).await.unwrap_err();

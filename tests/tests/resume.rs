@@ -149,6 +149,7 @@ fn interrupted_then_resumed(dtype: Option<&str>) {
         serde_json::from_str(&stdout_of(&mut cmd)).unwrap()
     };
     let status = status_of(dir.path());
+    assert_valid_plots(&checkpoints(dir.path()));
     assert_eq!(status["source"], "history");
     assert_eq!(status["state"], "succeeded");
     assert_eq!(status["resumed"], serde_json::json!([from]));

@@ -11,6 +11,7 @@ pub mod fault;
 pub mod grads;
 pub mod identity;
 pub mod infer;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod precision;

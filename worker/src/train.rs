@@ -235,6 +235,7 @@ pub fn run(
     tch::manual_seed(spec.seed as i64);
     // A resumed job loads the checkpoint, a Hugging Face model directory like any other.
     reporter.phase(TrainPhase::Loading);
+    crate::memory::mark_baseline();
     let model = match &placement.resume_from {
         Some(dir) => {
             checkpoint::verify(dir)?;
@@ -318,6 +319,7 @@ pub fn run(
         last_loss: f64::NAN,
     };
 
+    crate::memory::reset_peak();
     reporter.phase(TrainPhase::Eval);
     if let Some(result) = run_eval(collective)? {
         // A resumed job's first eval is of the checkpoint, not of the model before fine-tuning.
@@ -425,9 +427,7 @@ pub fn run(
                 stats.loss, stats.step
             )));
         }
-        if is_writer {
-            reporter.step(&stats);
-        }
+        reporter.step(&stats);
         reporter.phase(TrainPhase::Training);
 
         let done = step + 1;

@@ -508,7 +508,7 @@ impl Checks<'_> {
 
 /// A size as transformers writes `max_shard_size`: "5GB" (decimal), "2GiB" (binary), "500MB",
 /// "100KB" or a plain byte count.
-fn parse_size(text: &str) -> Option<u64> {
+pub fn parse_size(text: &str) -> Option<u64> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

@@ -51,6 +51,16 @@ pub enum WorkerPhase {
     Checkpoint,
 }
 
+/// What a heartbeat says about its rank besides the phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Telemetry {
+    /// Resident bytes before the model was loaded, and the peak since training was set up.
+    pub memory_baseline: u64,
+    pub memory_peak: u64,
+    /// The rank's own time for its latest step (0 before the first).
+    pub step_seconds: f64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Registered(WorkerInfo),
@@ -58,6 +68,8 @@ pub enum Event {
         rank: u32,
         generation: u64,
         phase: WorkerPhase,
+        /// For the dashboard only: the job's decisions never depend on it.
+        telemetry: Telemetry,
     },
     StepReported {
         rank: u32,

@@ -15,7 +15,9 @@ mod failure;
 
 pub use crate::metrics::{EvalMetrics, StepMetrics, TaskEval};
 use crate::natural::natural_cmp;
-pub use events::{Action, Assignment, Event, HeartbeatAnswer, Outcome, WorkerInfo, WorkerPhase};
+pub use events::{
+    Action, Assignment, Event, HeartbeatAnswer, Outcome, Telemetry, WorkerInfo, WorkerPhase,
+};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -213,6 +215,7 @@ impl Job {
                 rank,
                 generation,
                 phase,
+                ..
             } => {
                 if current(generation) {
                     if phase != WorkerPhase::Training {

@@ -312,6 +312,7 @@ fn a_group_that_trains_without_a_step_report_is_restarted() {
         rank,
         generation: 1,
         phase,
+        telemetry: Default::default(),
     };
     // A long checkpoint write is not a hang.
     for s in (5..=60).step_by(5) {

@@ -209,6 +209,7 @@ fn missed_heartbeats_fail_the_job() {
             rank: 0,
             generation: 1,
             phase: WorkerPhase::Training,
+            telemetry: Default::default(),
         },
         t0 + Duration::from_secs(9),
     );
@@ -237,6 +238,7 @@ fn heartbeats_of_another_generation_do_not_count() {
             rank: 0,
             generation: 99,
             phase: WorkerPhase::Training,
+            telemetry: Default::default(),
         },
         t0 + Duration::from_secs(9),
     );
@@ -432,6 +434,7 @@ fn live_ranks_leave_out_the_finished_the_failed_and_the_silent() {
             rank: 2,
             generation: 1,
             phase: WorkerPhase::Training,
+            telemetry: Default::default(),
         },
         later,
     );

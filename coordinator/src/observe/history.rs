@@ -75,6 +75,7 @@ impl Drop for History {
 
 fn write_all(mut file: std::fs::File, path: PathBuf, records: mpsc::Receiver<Value>) {
     let mut failed = false;
+    let mut job = String::new();
     for record in records {
         let line = format!("{record}\n");
         if let Err(e) = file.write_all(line.as_bytes()).and_then(|_| file.flush()) {
@@ -85,6 +86,22 @@ fn write_all(mut file: std::fs::File, path: PathBuf, records: mpsc::Receiver<Val
                 );
                 failed = true;
             }
+        }
+        match record["type"].as_str() {
+            Some("start") => job = record["job"].as_str().unwrap_or_default().to_string(),
+            // Plots of the whole history (earlier runs included) at each checkpoint and at the
+            // end, here: never on the coordinator's event loop.
+            Some("checkpoint" | "end") => {
+                if let Some(dir) = path.parent() {
+                    let drawn = read(dir).map_err(|e| e.to_string()).and_then(|h| {
+                        super::plot::write(dir, &job, &super::plot::Series::from_history(&h))
+                    });
+                    if let Err(e) = drawn {
+                        tracing::warn!("cannot draw the loss plots in {}: {e}", dir.display());
+                    }
+                }
+            }
+            _ => {}
         }
     }
 }

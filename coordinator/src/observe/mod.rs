@@ -7,8 +7,10 @@
 
 pub mod history;
 mod http;
+pub mod plot;
 mod prom;
 
+use crate::job::Telemetry;
 use crate::metrics::{EvalMetrics, StepMetrics};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -51,6 +53,8 @@ struct WorkerView {
     host: String,
     #[serde(skip)]
     last_heartbeat: Instant,
+    #[serde(skip)]
+    telemetry: Telemetry,
 }
 
 struct State {
@@ -161,6 +165,7 @@ impl Observer {
                     worker_id,
                     host,
                     last_heartbeat: now,
+                    telemetry: Telemetry::default(),
                 };
                 (rank, view)
             })
@@ -169,9 +174,10 @@ impl Observer {
         self.set_state(&mut s, "training");
     }
 
-    pub fn heartbeat(&self, rank: u32) {
+    pub fn heartbeat(&self, rank: u32, telemetry: &Telemetry) {
         if let Some(w) = self.lock().workers.get_mut(&rank) {
             w.last_heartbeat = Instant::now();
+            w.telemetry = *telemetry;
         }
     }
 
@@ -257,6 +263,19 @@ impl Observer {
         if state == "failed" {
             self.record("failure", json!({"reason": reason}));
         }
+        let memory: Vec<Value> = self
+            .lock()
+            .workers
+            .values()
+            .filter(|w| w.telemetry.memory_peak > 0)
+            .map(|w| {
+                json!({"rank": w.rank, "baseline_bytes": w.telemetry.memory_baseline,
+                       "peak_bytes": w.telemetry.memory_peak})
+            })
+            .collect();
+        if !memory.is_empty() {
+            self.record("memory", json!({ "workers": memory }));
+        }
         self.record("end", json!({"outcome": state}));
         self.history
             .lock()
@@ -269,11 +288,10 @@ impl Observer {
         {
             let s = self.lock();
             let now = Instant::now();
-            self.prom.heartbeat_ages(
-                s.workers
-                    .values()
-                    .map(|w| (w.rank, now.duration_since(w.last_heartbeat).as_secs_f64())),
-            );
+            self.prom.per_rank(s.workers.values().map(|w| {
+                let age = now.duration_since(w.last_heartbeat).as_secs_f64();
+                (w.rank, age, w.telemetry)
+            }));
         }
         self.prom.encode()
     }
@@ -300,6 +318,9 @@ impl Observer {
                     "rank": w.rank, "worker_id": w.worker_id, "host": w.host,
                     "last_heartbeat_seconds": age,
                     "state": if age > s.silent_after { "silent" } else { "alive" },
+                    "step_seconds": w.telemetry.step_seconds,
+                    "memory_baseline_bytes": w.telemetry.memory_baseline,
+                    "memory_peak_bytes": w.telemetry.memory_peak,
                 })
             })
             .collect();

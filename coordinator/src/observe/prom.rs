@@ -2,6 +2,7 @@
 //! through `prometheus-client` (the Prometheus project's own Rust client: typed metrics, no
 //! global registry, OpenMetrics text that Prometheus scrapes natively).
 
+use crate::job::Telemetry;
 use crate::metrics::{EvalMetrics, StepMetrics};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -39,6 +40,9 @@ pub struct Instruments {
     tokens_per_second: Labelled,
     step_seconds: Histogram,
     heartbeat_age: Labelled,
+    rank_step_seconds: Labelled,
+    rank_memory_peak: Labelled,
+    rank_memory_baseline: Labelled,
     checkpoints: Counter,
     checkpoint_write: FloatGauge,
     checkpoint_stall: FloatGauge,
@@ -68,6 +72,9 @@ impl Instruments {
             // 10 ms .. ~40 min.
             step_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 18)),
             heartbeat_age: Labelled::default(),
+            rank_step_seconds: Labelled::default(),
+            rank_memory_peak: Labelled::default(),
+            rank_memory_baseline: Labelled::default(),
             checkpoints: Counter::default(),
             checkpoint_write: FloatGauge::default(),
             checkpoint_stall: FloatGauge::default(),
@@ -130,6 +137,24 @@ impl Instruments {
             "Time since each rank's last heartbeat",
             Unit::Seconds,
             i.heartbeat_age.clone(),
+        );
+        r.register_with_unit(
+            "rank_step_duration",
+            "Each rank's own time for its latest optimizer step",
+            Unit::Seconds,
+            i.rank_step_seconds.clone(),
+        );
+        r.register_with_unit(
+            "rank_memory_peak",
+            "Each worker's peak resident memory since training was set up",
+            Unit::Bytes,
+            i.rank_memory_peak.clone(),
+        );
+        r.register_with_unit(
+            "rank_memory_baseline",
+            "Each worker's resident memory before its model was loaded",
+            Unit::Bytes,
+            i.rank_memory_baseline.clone(),
         );
         r.register(
             "checkpoints",
@@ -246,13 +271,34 @@ impl Instruments {
         }
     }
 
-    /// Heartbeat ages are set at scrape time, from the observer's clock.
-    pub fn heartbeat_ages(&self, ages: impl Iterator<Item = (u32, f64)>) {
-        self.heartbeat_age.clear();
-        for (rank, age) in ages {
-            self.heartbeat_age
-                .get_or_create(&vec![("rank".into(), rank.to_string())])
-                .set(age);
+    /// Per-rank figures are set at scrape time (heartbeat ages from the observer's clock), so
+    /// a rank that left the group leaves the metrics too.
+    pub fn per_rank(&self, ranks: impl Iterator<Item = (u32, f64, Telemetry)>) {
+        let families = [
+            &self.heartbeat_age,
+            &self.rank_step_seconds,
+            &self.rank_memory_peak,
+            &self.rank_memory_baseline,
+        ];
+        for f in families {
+            f.clear();
+        }
+        for (rank, age, t) in ranks {
+            let label = vec![("rank".into(), rank.to_string())];
+            self.heartbeat_age.get_or_create(&label).set(age);
+            if t.step_seconds > 0.0 {
+                self.rank_step_seconds
+                    .get_or_create(&label)
+                    .set(t.step_seconds);
+            }
+            if t.memory_peak > 0 {
+                self.rank_memory_peak
+                    .get_or_create(&label)
+                    .set(t.memory_peak as f64);
+                self.rank_memory_baseline
+                    .get_or_create(&label)
+                    .set(t.memory_baseline as f64);
+            }
         }
     }
 }

@@ -334,3 +334,21 @@ pub fn stdout_of(cmd: &mut Command) -> String {
 pub fn run_python(python: &Path, code: &str, args: &[&str]) -> String {
     stdout_of(Command::new(python).arg("-c").arg(code).args(args))
 }
+
+/// loss.svg and loss.png in `dir` are valid: the SVG parses as XML (Python's parser, when the
+/// test Python is there) and draws the curves, the PNG decodes to the plot's size.
+pub fn assert_valid_plots(dir: &Path) {
+    let svg = std::fs::read_to_string(dir.join("loss.svg")).unwrap();
+    assert!(
+        svg.contains("<polyline") || svg.contains("<path"),
+        "no curve in loss.svg"
+    );
+    if let Some(python) = python() {
+        let code = "import sys, xml.etree.ElementTree as ET; r = ET.parse(sys.argv[1]).getroot(); print(r.tag)";
+        let svg_path = dir.join("loss.svg");
+        let tag = run_python(&python, code, &[svg_path.to_str().unwrap()]);
+        assert_eq!(tag.trim(), "{http://www.w3.org/2000/svg}svg");
+    }
+    let png = image::open(dir.join("loss.png")).expect("loss.png decodes");
+    assert_eq!((png.width(), png.height()), (1000, 680));
+}

@@ -34,6 +34,8 @@ pub struct Membership {
     changed: Condvar,
     phase: AtomicU8,
     step: AtomicU64,
+    /// f64 bits of this rank's latest step time.
+    step_seconds: AtomicU64,
     /// Waiting for the coordinator's decision after a failure: heartbeat often, so that the
     /// "rejoin" is heard within a fraction of the interval.
     urgent: AtomicBool,
@@ -127,13 +129,37 @@ impl Membership {
         self.phase.store(phase as u8, Ordering::Relaxed);
     }
 
-    pub fn set_step(&self, step: u64) {
+    pub fn set_step(&self, step: u64, seconds: f64) {
         self.step.store(step, Ordering::Relaxed);
+        self.step_seconds
+            .store(seconds.to_bits(), Ordering::Relaxed);
+    }
+
+    /// What a heartbeat reports besides the phase: step, step time, memory.
+    pub fn progress(&self) -> Progress {
+        let (memory_baseline, memory_peak) = crate::memory::usage();
+        Progress {
+            step: self.step.load(Ordering::Relaxed),
+            step_seconds: f64::from_bits(self.step_seconds.load(Ordering::Relaxed)),
+            phase: self.phase(),
+            memory_baseline,
+            memory_peak,
+        }
     }
 
     fn phase(&self) -> TrainPhase {
         TrainPhase::from_u8(self.phase.load(Ordering::Relaxed))
     }
+}
+
+/// One rank's progress as a heartbeat carries it.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub step: u64,
+    pub step_seconds: f64,
+    pub phase: TrainPhase,
+    pub memory_baseline: u64,
+    pub memory_peak: u64,
 }
 
 /// The heartbeat interval while a decision is awaited.
@@ -178,8 +204,7 @@ pub async fn heartbeat_loop(agent: Agent, membership: Arc<Membership>, timing: H
             last_ok = Instant::now();
             continue;
         };
-        let step = membership.step.load(Ordering::Relaxed);
-        let beat = agent.heartbeat(rank, generation, step, membership.phase());
+        let beat = agent.heartbeat(rank, generation, membership.progress());
         let answer = match tokio::time::timeout(call_limit, beat).await {
             Ok(answer) => answer.map_err(|e| e.to_string()),
             Err(_) => Err(format!("no answer within {call_limit:?}")),

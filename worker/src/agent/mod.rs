@@ -187,10 +187,9 @@ impl Agent {
         &self,
         rank: usize,
         generation: u64,
-        step: u64,
-        phase: TrainPhase,
+        progress: heartbeat::Progress,
     ) -> Result<Option<Signal>, AgentError> {
-        let phase = match phase {
+        let phase = match progress.phase {
             TrainPhase::Loading => pb::WorkerPhase::Loading,
             TrainPhase::Training => pb::WorkerPhase::Training,
             TrainPhase::Eval => pb::WorkerPhase::Eval,
@@ -202,8 +201,11 @@ impl Agent {
             .heartbeat(pb::HeartbeatRequest {
                 rank: rank as u32,
                 generation,
-                step,
+                step: progress.step,
                 phase: phase as i32,
+                memory_baseline_bytes: progress.memory_baseline,
+                memory_peak_bytes: progress.memory_peak,
+                step_seconds: progress.step_seconds,
             })
             .await?
             .into_inner();

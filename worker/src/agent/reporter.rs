@@ -92,7 +92,11 @@ async fn send_in_order(agent: Agent, mut pending: mpsc::UnboundedReceiver<Queued
 
 impl Reporter for GrpcReporter {
     fn step(&self, s: &StepStats) {
-        self.membership.set_step(s.step);
+        self.membership.set_step(s.step, s.step_seconds);
+        // Every rank's step time rides on its heartbeats; the figures go out from rank 0.
+        if self.placement.rank != 0 {
+            return;
+        }
         let report = pb::StepReport {
             rank: self.placement.rank as u32,
             generation: self.placement.generation,

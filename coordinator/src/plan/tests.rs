@@ -1,0 +1,138 @@
+use super::*;
+use serde_json::json;
+
+/// Parameter counts transformers reports (`sum(p.numel() for p in model.parameters())`) for
+/// published configs.
+#[test]
+fn parameter_counts_match_published_models() {
+    let llama2_7b = json!({"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32});
+    assert_eq!(
+        Shape::from_json(&llama2_7b).unwrap().parameters(),
+        6_738_415_616
+    );
+    let llama31_8b = json!({"vocab_size": 128256, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8});
+    assert_eq!(
+        Shape::from_json(&llama31_8b).unwrap().parameters(),
+        8_030_261_248
+    );
+    let llama32_1b = json!({"vocab_size": 128256, "hidden_size": 2048,
+        "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": true});
+    assert_eq!(
+        Shape::from_json(&llama32_1b).unwrap().parameters(),
+        1_235_814_400
+    );
+    // Qwen2: q/k/v biases, tied embeddings.
+    let qwen25_05b = json!({"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896,
+        "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+        "num_key_value_heads": 2, "tie_word_embeddings": true});
+    assert_eq!(
+        Shape::from_json(&qwen25_05b).unwrap().parameters(),
+        494_032_768
+    );
+}
+
+#[test]
+fn a_bad_field_is_named() {
+    let err = Shape::from_json(&json!({"vocab_size": 10, "hidden_size": "big"})).unwrap_err();
+    assert_eq!(err.0, "hidden_size");
+    let err = Shape::from_json(&json!({"hidden_size": 8, "num_attention_heads": 2})).unwrap_err();
+    assert_eq!(err.0, "vocab_size");
+}
+
+fn settings() -> Settings {
+    Settings {
+        micro_batch: 1,
+        seq_len: 4096,
+        bf16: true,
+        activation_checkpointing: true,
+        gpu: true,
+        packing: false,
+        periodic_checkpoints: true,
+    }
+}
+
+fn plan_of(shape: &Shape, s: &Settings, capacity: u64) -> Plan {
+    let (writer, other) = estimate(shape, s);
+    Plan {
+        model: "m".into(),
+        parameters: shape.parameters(),
+        device: if s.gpu { "cuda" } else { "cpu" },
+        world_size: 8,
+        workers: vec![writer, other],
+        capacity: Some(Capacity {
+            bytes: capacity,
+            source: "--device-memory".into(),
+        }),
+    }
+}
+
+#[test]
+fn seven_b_in_bf16_needs_about_twenty_bytes_per_parameter_and_does_not_fit_80gb() {
+    let shape = Shape::from_json(&json!({"vocab_size": 32000, "hidden_size": 4096,
+        "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32}))
+    .unwrap();
+    let (writer, other) = estimate(&shape, &settings());
+    let state: u64 = other
+        .terms
+        .iter()
+        .filter(|t| t.name != "activations")
+        .map(|t| t.bytes)
+        .sum();
+    assert_eq!(state, 20 * shape.parameters());
+    // The snapshot lives in host memory on a GPU job: rank 0's device peak is the same.
+    assert_eq!(writer.device_bytes(), other.device_bytes());
+    let plan = plan_of(&shape, &settings(), 80_000_000_000);
+    let refusal = plan.check().unwrap_err();
+    assert!(
+        refusal.contains("biggest term is optimizer state"),
+        "{refusal}"
+    );
+}
+
+#[test]
+fn an_over_large_micro_batch_is_refused_naming_the_activations() {
+    let shape = Shape::from_json(&json!({"vocab_size": 259, "hidden_size": 128,
+        "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2}))
+    .unwrap();
+    let small = Settings {
+        micro_batch: 8,
+        seq_len: 160,
+        bf16: false,
+        activation_checkpointing: false,
+        gpu: false,
+        packing: false,
+        periodic_checkpoints: true,
+    };
+    let fits = plan_of(&shape, &small, 1 << 30);
+    assert!(fits.check().is_ok());
+    let big = Settings {
+        micro_batch: 512,
+        ..small.clone()
+    };
+    let refusal = plan_of(&shape, &big, 1 << 30).check().unwrap_err();
+    assert!(refusal.contains("biggest term is activations"), "{refusal}");
+    assert!(
+        refusal.contains("micro_batch_size 512 x seq_len 160"),
+        "{refusal}"
+    );
+    assert!(refusal.contains("activation_checkpointing"), "{refusal}");
+    // Checkpointing keeps only the layer inputs: far less.
+    let checkpointed = Settings {
+        activation_checkpointing: true,
+        ..big
+    };
+    let (_, with) = estimate(&shape, &checkpointed);
+    let (_, without) = estimate(
+        &shape,
+        &Settings {
+            micro_batch: 512,
+            ..small
+        },
+    );
+    assert!(with.peak_bytes * 2 < without.peak_bytes);
+}
