@@ -402,6 +402,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                         observer.eval(&m);
                         progress.eval(&m);
                     }
+                    Action::Samples(phase, samples) => observer.samples(&phase, &samples),
                     Action::Commit {
                         step,
                         staging_dir,
@@ -469,11 +470,13 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
     };
     progress.finish();
     match &outcome {
-        Outcome::Succeeded { .. } => observer.finished("succeeded", None),
-        Outcome::Failed { reason } | Outcome::Refused { reason } => {
-            observer.finished("failed", Some(reason.clone()))
+        Outcome::Succeeded { final_checkpoint } => {
+            observer.finished("succeeded", None, final_checkpoint.as_deref())
         }
-        Outcome::Interrupted => observer.finished("interrupted", None),
+        Outcome::Failed { reason } | Outcome::Refused { reason } => {
+            observer.finished("failed", Some(reason.clone()), None)
+        }
+        Outcome::Interrupted => observer.finished("interrupted", None, None),
     }
     // Make sure nothing outlives the job, whatever the outcome.
     launcher.stop_all(STOP_GRACE).await;

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ferrotune_coordinator::{
-    checkpoint, config, datacheck, driver, endpoint, job::Outcome, launcher, lease, plan,
+    checkpoint, config, datacheck, driver, endpoint, job::Outcome, launcher, lease, observe, plan,
     resolve_worker_binary, resume, status,
 };
 use std::path::{Path, PathBuf};
@@ -46,6 +46,12 @@ enum Command {
         /// Start even when the memory estimate says the job does not fit.
         #[arg(long)]
         ignore_fit: bool,
+    },
+    /// Write the eval report (held-out loss before/after, the base and fine-tuned models'
+    /// answers) into the newest committed checkpoint again, from <checkpoint.dir>/metrics.jsonl.
+    Report {
+        /// A cluster.yaml or a checkpoint.dir.
+        target: PathBuf,
     },
     /// Estimate each worker's memory, term by term, and whether it fits; starts nothing.
     Plan {
@@ -124,6 +130,7 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Status { target, json } => status(&target, json),
+        Command::Report { target } => report(&target),
         Command::Validate { config } => {
             let c = match load(&config, config::Purpose::Validate) {
                 Ok(c) => c,
@@ -262,6 +269,44 @@ fn status(target: &str, as_json: bool) -> ExitCode {
         }
         Ok(s) => {
             println!("{}", status::summary(&s));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn report(target: &Path) -> ExitCode {
+    let dir = if target.is_file() {
+        match load(target, config::Purpose::Validate) {
+            Ok(c) => c.checkpoint_dir,
+            Err(code) => return code,
+        }
+    } else {
+        target.to_path_buf()
+    };
+    let Some((_, newest)) = checkpoint::committed(&dir).pop() else {
+        return bad_input(
+            format!("{} has no committed checkpoint", dir.display()),
+            "name the job's cluster.yaml or its checkpoint.dir",
+        );
+    };
+    let written = observe::history::read(&dir)
+        .map_err(|e| format!("{}: {e}", dir.join(observe::history::FILE).display()))
+        .and_then(|history| {
+            let job = history
+                .iter()
+                .rfind(|r| r["type"] == "start")
+                .and_then(|r| r["job"].as_str())
+                .unwrap_or_default()
+                .to_string();
+            observe::report::write(&job, &newest, &history).map_err(|e| e.to_string())
+        });
+    match written {
+        Ok(path) => {
+            println!("{}", path.display());
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -24,6 +24,16 @@ pub struct EvalMetrics {
     pub tasks: Vec<TaskEval>,
 }
 
+/// Greedy answers of one rank to its share of the eval report's held-out prompts.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Sample {
+    pub dataset: String,
+    pub index: u32,
+    pub prompt: String,
+    pub answer: String,
+    pub reference: String,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskEval {
     pub name: String,

@@ -4,8 +4,8 @@
 use crate::config::{JobConfig, ModelInit};
 use crate::job::devices::{Backend, WorkerDevices};
 use crate::job::{
-    Assignment, EvalMetrics, Event, HeartbeatAnswer, StepMetrics, TaskEval, Telemetry, WorkerInfo,
-    WorkerPhase,
+    Assignment, EvalMetrics, Event, HeartbeatAnswer, Sample, StepMetrics, TaskEval, Telemetry,
+    WorkerInfo, WorkerPhase,
 };
 use ferrotune_data::manifest::FileDigest;
 use ferrotune_proto::v1 as pb;
@@ -98,6 +98,7 @@ fn training_spec(c: &JobConfig) -> pb::TrainingSpec {
             overlong: c.data.overlong.name().into(),
             train_on_inputs: c.data.train_on_inputs,
             chat_template: c.data.chat_template.clone().unwrap_or_default(),
+            eval_samples: c.data.eval_samples,
             cache_dir: path(&c.data.cache_dir),
         }),
         optim: Some(pb::OptimSpec {
@@ -293,6 +294,31 @@ impl Coordinator for Service {
             rank: r.rank,
             generation: r.generation,
             metrics,
+        })
+        .await
+    }
+
+    async fn report_samples(
+        &self,
+        request: Request<pb::SampleReport>,
+    ) -> Result<Response<pb::Ack>, Status> {
+        let r = request.into_inner();
+        let samples = r
+            .samples
+            .into_iter()
+            .map(|s| Sample {
+                dataset: s.dataset,
+                index: s.index,
+                prompt: s.prompt,
+                answer: s.answer,
+                reference: s.reference,
+            })
+            .collect();
+        self.ack(Event::SamplesReported {
+            rank: r.rank,
+            generation: r.generation,
+            phase: r.phase,
+            samples,
         })
         .await
     }

@@ -104,6 +104,32 @@ fn instruct_example_learns_the_answer_structure_and_keeps_its_template() {
         Some(template.as_str())
     );
 
+    // The eval report in the final checkpoint: the base model's answers to held-out questions
+    // lack the trained structure (compliance.py's check), the fine-tuned model's have it.
+    let report = ckpt.join("report.md");
+    assert!(report.is_file(), "no report.md in {}", ckpt.display());
+    if let Some(python) = python() {
+        let script = repo_root().join("tests/observe/report_compliance.py");
+        let out = stdout_of(Command::new(&python).arg(script).arg(&report));
+        let counts: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(
+            counts["samples"], 5,
+            "data.eval_samples defaults to 5: {counts}"
+        );
+        assert_eq!(counts["base_compliant"], 0, "{counts}");
+        assert_eq!(counts["base_opening"], 0, "{counts}");
+        // After 60 steps (the example trains 150) answers open as trained and some are whole
+        // (here: 5 and 2 of 5; a CPU with other kernels may round differently).
+        assert!(counts["tuned_opening"].as_u64() >= Some(4), "{counts}");
+        assert!(counts["tuned_compliant"].as_u64() >= Some(1), "{counts}");
+    }
+    // `coordinator report` writes the same report again from the history.
+    let before = std::fs::read_to_string(&report).unwrap();
+    std::fs::remove_file(&report).unwrap();
+    let again = stdout_of(Command::new(bin("coordinator")).arg("report").arg(&config));
+    assert_eq!(PathBuf::from(again.trim()), report);
+    assert_eq!(std::fs::read_to_string(&report).unwrap(), before);
+
     let question = "Hello, my lamp switch is stuck since Monday. Order A12345. Please advise.";
     let tuned = generate(&ckpt, &[], question);
     let lines: Vec<&str> = tuned.lines().collect();
@@ -154,6 +180,18 @@ fn multitask_example_reports_held_out_loss_per_task() {
         assert!(
             after < before / 5.0,
             "{task}: {before} -> {after}\n{stdout}"
+        );
+    }
+    // The report has both datasets' losses and samples: prompt/completion prompts encoded as
+    // in training, conversations through the chat template.
+    let report = std::fs::read_to_string(final_checkpoint(&stdout).join("report.md")).unwrap();
+    for task in ["extract", "support"] {
+        assert!(report.contains(&format!("\n| {task} | ")), "{report}");
+        assert!(report.contains(&format!("## Samples: {task}")), "{report}");
+        assert_eq!(
+            report.matches(&format!("### {task} #")).count(),
+            5,
+            "{report}"
         );
     }
 }

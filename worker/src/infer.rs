@@ -3,7 +3,7 @@
 //! thin wrappers; eval reports and the parity checks use the same functions.
 
 use crate::model::io::LoadedModel;
-use crate::model::KvCache;
+use crate::model::{KvCache, Llama};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
@@ -49,24 +49,30 @@ fn choose(logits: &Tensor, sampling: &Sampling, rng: &mut ChaCha8Rng) -> i64 {
 /// Continues `prompt` (token ids); returns the generated ids, ending with a stop token if one
 /// was produced.
 pub fn generate(model: &LoadedModel, prompt: &[i64], sampling: &Sampling) -> Vec<i64> {
+    generate_with(&model.model, model.vs.device(), prompt, sampling)
+}
+
+/// [`generate`] on a model that is not a loaded directory (the trainer's, or its compute copy).
+pub fn generate_with(
+    model: &Llama,
+    device: tch::Device,
+    prompt: &[i64],
+    sampling: &Sampling,
+) -> Vec<i64> {
     let mut rng = ChaCha8Rng::seed_from_u64(sampling.seed);
     let mut cache = KvCache::default();
     let mut out = Vec::with_capacity(sampling.max_new_tokens);
     tch::no_grad(|| {
-        let mut input = Tensor::from_slice(prompt)
-            .unsqueeze(0)
-            .to_device(model.vs.device());
+        let mut input = Tensor::from_slice(prompt).unsqueeze(0).to_device(device);
         for _ in 0..sampling.max_new_tokens {
-            let logits = model.model.forward_cached(&input, &mut cache);
+            let logits = model.forward_cached(&input, &mut cache);
             let last = logits.get(0).get(-1);
             let token = choose(&last, sampling, &mut rng);
             out.push(token);
             if sampling.stop.contains(&token) {
                 break;
             }
-            input = Tensor::from_slice(&[token])
-                .unsqueeze(0)
-                .to_device(model.vs.device());
+            input = Tensor::from_slice(&[token]).unsqueeze(0).to_device(device);
         }
     });
     out

@@ -15,6 +15,7 @@ pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod precision;
+pub mod report;
 pub mod run;
 pub mod session;
 pub mod spec;

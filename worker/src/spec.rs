@@ -47,6 +47,8 @@ pub struct TrainSpec {
     pub seq_len: usize,
     /// Held-out sequences evaluated per dataset.
     pub eval_max_sequences: usize,
+    /// Held-out prompts per prompt-bearing dataset answered for the eval report.
+    pub eval_samples: usize,
     pub packing: bool,
     pub overlong: Overlong,
     pub train_on_inputs: bool,

@@ -77,6 +77,8 @@ pub trait Reporter {
     fn phase(&self, _phase: TrainPhase) {}
     fn step(&self, stats: &StepStats);
     fn eval(&self, phase: &str, step: u64, result: &EvalResult);
+    /// This rank's greedy answers to its share of the report's held-out prompts.
+    fn samples(&self, _phase: &str, _samples: &[crate::report::Sample]) {}
     /// Hands a staged checkpoint (with the size and SHA-256 of every file in it) over for
     /// commit; returns the committed path.
     fn commit_checkpoint(&self, staged: &Staged) -> Result<PathBuf, String>;
@@ -274,6 +276,25 @@ pub fn run(
     let run_eval = |collective: &mut dyn Collective| {
         evaluate(net, &tasks, spec.eval_max_sequences, &batching, collective)
     };
+    let prompts = crate::report::prompts(spec, &tokenizer)?;
+    let stop: Vec<i64> = (tokenizer.special.eos.map(i64::from).into_iter())
+        .chain(model.config.eos_token_ids.iter().copied())
+        .collect();
+    let shard = (placement.rank, placement.world_size);
+    let answer = |phase: &str| {
+        if !prompts.is_empty() {
+            let answers = crate::report::answer(
+                net,
+                device,
+                &tokenizer,
+                &prompts,
+                shard,
+                &stop,
+                spec.seq_len,
+            );
+            reporter.samples(phase, &answers);
+        }
+    };
 
     let mut optimizer = AdamW::new(
         model.named_parameters(),
@@ -332,6 +353,9 @@ pub fn run(
         if is_writer {
             reporter.eval(phase, start, &result);
         }
+    }
+    if start == 0 {
+        answer("before");
     }
 
     let mut lr = spec.lr;
@@ -461,6 +485,7 @@ pub fn run(
             reporter.eval("after", spec.total_steps, &result);
         }
     }
+    answer("after");
     if is_writer {
         let state = (&model, &optimizer, &mixture);
         let end = (spec.total_steps, lr);

@@ -23,6 +23,8 @@ pub(super) struct DataSection {
     seq_len: Spanned<u32>,
     #[serde(default = "defaults::eval_max_sequences")]
     eval_max_sequences: u32,
+    #[serde(default = "defaults::eval_samples")]
+    eval_samples: u32,
     #[serde(default)]
     packing: bool,
     #[serde(default)]
@@ -65,6 +67,8 @@ pub struct DataConfig {
     pub datasets: Vec<DatasetConfig>,
     pub seq_len: u32,
     pub eval_max_sequences: u32,
+    /// Held-out prompts per prompt-bearing dataset in the eval report.
+    pub eval_samples: u32,
     pub packing: bool,
     pub overlong: Overlong,
     pub train_on_inputs: bool,
@@ -279,6 +283,7 @@ impl Checks<'_> {
             datasets,
             seq_len,
             eval_max_sequences: d.eval_max_sequences,
+            eval_samples: d.eval_samples,
             packing: d.packing,
             overlong,
             train_on_inputs: d.train_on_inputs,

@@ -104,6 +104,9 @@ mod defaults {
     pub fn eval_max_sequences() -> u32 {
         512
     }
+    pub fn eval_samples() -> u32 {
+        5
+    }
     pub fn weight() -> Spanned<f64> {
         unspanned(1.0)
     }

@@ -2,7 +2,7 @@
 //! domain types both carry.
 
 use super::devices::{Backend, DeviceKind, WorkerDevices};
-use crate::metrics::{EvalMetrics, StepMetrics};
+use crate::metrics::{EvalMetrics, Sample, StepMetrics};
 use ferrotune_data::manifest::FileDigest;
 
 /// What a worker says about itself when it registers.
@@ -81,6 +81,12 @@ pub enum Event {
         generation: u64,
         metrics: EvalMetrics,
     },
+    SamplesReported {
+        rank: u32,
+        generation: u64,
+        phase: String,
+        samples: Vec<Sample>,
+    },
     CheckpointReady {
         rank: u32,
         generation: u64,
@@ -151,6 +157,8 @@ pub enum Action {
     Refuse(String),
     Progress(StepMetrics),
     Eval(EvalMetrics),
+    /// A rank's answers for the eval report (phase "before" or "after").
+    Samples(String, Vec<Sample>),
     /// Every writing rank has staged this checkpoint: write the manifest and rename it in place.
     Commit {
         step: u64,

@@ -13,7 +13,7 @@ pub mod devices;
 mod events;
 mod failure;
 
-pub use crate::metrics::{EvalMetrics, StepMetrics, TaskEval};
+pub use crate::metrics::{EvalMetrics, Sample, StepMetrics, TaskEval};
 use crate::natural::natural_cmp;
 pub use events::{
     Action, Assignment, Event, HeartbeatAnswer, Outcome, Telemetry, WorkerInfo, WorkerPhase,
@@ -238,6 +238,12 @@ impl Job {
                 generation,
                 metrics,
             } => self.on_progress(rank, generation, Action::Eval(metrics), now),
+            Event::SamplesReported {
+                rank,
+                generation,
+                phase,
+                samples,
+            } => self.on_progress(rank, generation, Action::Samples(phase, samples), now),
             Event::CheckpointReady {
                 rank,
                 generation,

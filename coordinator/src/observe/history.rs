@@ -92,12 +92,21 @@ fn write_all(mut file: std::fs::File, path: PathBuf, records: mpsc::Receiver<Val
             // Plots of the whole history (earlier runs included) at each checkpoint and at the
             // end, here: never on the coordinator's event loop.
             Some("checkpoint" | "end") => {
-                if let Some(dir) = path.parent() {
-                    let drawn = read(dir).map_err(|e| e.to_string()).and_then(|h| {
-                        super::plot::write(dir, &job, &super::plot::Series::from_history(&h))
-                    });
-                    if let Err(e) = drawn {
-                        tracing::warn!("cannot draw the loss plots in {}: {e}", dir.display());
+                let Some(dir) = path.parent() else { continue };
+                let history = match read(dir) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!("cannot read back {}: {e}", path.display());
+                        continue;
+                    }
+                };
+                let series = super::plot::Series::from_history(&history);
+                if let Err(e) = super::plot::write(dir, &job, &series) {
+                    tracing::warn!("cannot draw the loss plots in {}: {e}", dir.display());
+                }
+                if let Some(ckpt) = record["final_checkpoint"].as_str() {
+                    if let Err(e) = super::report::write(&job, Path::new(ckpt), &history) {
+                        tracing::warn!("cannot write the eval report into {ckpt}: {e}");
                     }
                 }
             }

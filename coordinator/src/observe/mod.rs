@@ -9,9 +9,10 @@ pub mod history;
 mod http;
 pub mod plot;
 mod prom;
+pub mod report;
 
 use crate::job::Telemetry;
-use crate::metrics::{EvalMetrics, StepMetrics};
+use crate::metrics::{EvalMetrics, Sample, StepMetrics};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -229,6 +230,11 @@ impl Observer {
         self.record("eval", record);
     }
 
+    /// A rank's greedy answers for the eval report.
+    pub fn samples(&self, phase: &str, samples: &[Sample]) {
+        self.record("samples", json!({"phase": phase, "samples": samples}));
+    }
+
     pub fn checkpoint(&self, step: u64, path: &Path, timing: Option<(f64, f64)>) {
         let (stall, write) = timing.unwrap_or((0.0, 0.0));
         self.prom.checkpoint(stall, write);
@@ -253,8 +259,14 @@ impl Observer {
         );
     }
 
-    /// The job ended: `state` is succeeded, failed or interrupted.
-    pub fn finished(&self, state: &'static str, reason: Option<String>) {
+    /// The job ended: `state` is succeeded (with its final checkpoint, where the history
+    /// thread writes the eval report), failed or interrupted.
+    pub fn finished(
+        &self,
+        state: &'static str,
+        reason: Option<String>,
+        final_checkpoint: Option<&str>,
+    ) {
         {
             let mut s = self.lock();
             self.set_state(&mut s, state);
@@ -276,7 +288,10 @@ impl Observer {
         if !memory.is_empty() {
             self.record("memory", json!({ "workers": memory }));
         }
-        self.record("end", json!({"outcome": state}));
+        self.record(
+            "end",
+            json!({"outcome": state, "final_checkpoint": final_checkpoint}),
+        );
         self.history
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -268,6 +268,7 @@ fn spec_from_pb(s: pb::TrainingSpec) -> Result<TrainSpec, AgentError> {
             .collect::<Result<_, AgentError>>()?,
         seq_len: data.seq_len as usize,
         eval_max_sequences: data.eval_max_sequences as usize,
+        eval_samples: data.eval_samples as usize,
         packing: data.packing,
         overlong: Overlong::from_name(&data.overlong)
             .ok_or(AgentError::Protocol("spec: unknown overlong policy"))?,

@@ -22,6 +22,7 @@ const REPORT_LIMIT: Duration = Duration::from_secs(30);
 enum Queued {
     Step(pb::StepReport),
     Eval(pb::EvalReport),
+    Samples(pb::SampleReport),
     /// Answered once everything queued before it has been sent.
     Flush(oneshot::Sender<()>),
 }
@@ -77,6 +78,12 @@ async fn send_in_order(agent: Agent, mut pending: mpsc::UnboundedReceiver<Queued
                     .await
                     .map(|r| r.map(|_| ())),
             ),
+            Queued::Samples(r) => (
+                "samples",
+                tokio::time::timeout(REPORT_LIMIT, client.report_samples(r))
+                    .await
+                    .map(|r| r.map(|_| ())),
+            ),
             Queued::Flush(done) => {
                 let _ = done.send(());
                 continue;
@@ -110,6 +117,25 @@ impl Reporter for GrpcReporter {
         };
         // Only fails once the runtime is gone, when nobody is left to tell.
         let _ = self.queue.send(Queued::Step(report));
+    }
+
+    fn samples(&self, phase: &str, samples: &[crate::report::Sample]) {
+        let report = pb::SampleReport {
+            rank: self.placement.rank as u32,
+            generation: self.placement.generation,
+            phase: phase.into(),
+            samples: samples
+                .iter()
+                .map(|s| pb::Sample {
+                    dataset: s.dataset.clone(),
+                    index: s.index,
+                    prompt: s.prompt.clone(),
+                    answer: s.answer.clone(),
+                    reference: s.reference.clone(),
+                })
+                .collect(),
+        };
+        let _ = self.queue.send(Queued::Samples(report));
     }
 
     fn eval(&self, phase: &str, step: u64, result: &EvalResult) {
