@@ -47,6 +47,15 @@ enum Command {
         #[arg(long)]
         ignore_fit: bool,
     },
+    /// Serve the dashboard of a job from its history (a finished job, or one running
+    /// elsewhere) until Ctrl-C.
+    Dashboard {
+        /// A cluster.yaml or a checkpoint.dir.
+        target: PathBuf,
+        /// Where to serve the page.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
     /// Write the eval report (held-out loss before/after, the base and fine-tuned models'
     /// answers) into the newest committed checkpoint again, from <checkpoint.dir>/metrics.jsonl.
     Report {
@@ -131,6 +140,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Status { target, json } => status(&target, json),
         Command::Report { target } => report(&target),
+        Command::Dashboard { target, listen } => dashboard(&target, listen),
         Command::Validate { config } => {
             let c = match load(&config, config::Purpose::Validate) {
                 Ok(c) => c,
@@ -278,14 +288,47 @@ fn status(target: &str, as_json: bool) -> ExitCode {
     }
 }
 
-fn report(target: &Path) -> ExitCode {
-    let dir = if target.is_file() {
-        match load(target, config::Purpose::Validate) {
-            Ok(c) => c.checkpoint_dir,
-            Err(code) => return code,
-        }
+/// The checkpoint.dir a command names: a cluster.yaml's, or the directory itself.
+fn checkpoint_dir_of(target: &Path) -> Result<PathBuf, ExitCode> {
+    if target.is_file() {
+        load(target, config::Purpose::Validate).map(|c| c.checkpoint_dir)
     } else {
-        target.to_path_buf()
+        Ok(target.to_path_buf())
+    }
+}
+
+fn dashboard(target: &Path, listen: std::net::SocketAddr) -> ExitCode {
+    let dir = match checkpoint_dir_of(target) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    if !dir.join(observe::history::FILE).is_file() {
+        return bad_input(
+            format!("{} has no {}", dir.display(), observe::history::FILE),
+            "name the job's cluster.yaml or its checkpoint.dir",
+        );
+    }
+    let listener = match endpoint::bind_observer(listen) {
+        Ok(l) => l,
+        Err(e) => return bad_input(&e, "pass a free --listen address"),
+    };
+    match listener.local_addr() {
+        Ok(addr) => println!("dashboard: http://{addr}/ (history of {})", dir.display()),
+        Err(e) => eprintln!("warning: {e}"),
+    }
+    match observe::serve_history(dir, listener) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn report(target: &Path) -> ExitCode {
+    let dir = match checkpoint_dir_of(target) {
+        Ok(d) => d,
+        Err(code) => return code,
     };
     let Some((_, newest)) = checkpoint::committed(&dir).pop() else {
         return bad_input(

@@ -100,6 +100,8 @@ pub fn from_history(dir: &Path) -> Result<Value, StatusError> {
         "history": history,
         "evals": of("eval").cloned().collect::<Vec<_>>(),
         "checkpoints": checkpoints,
+        // The workers of a job that is not running are not known.
+        "workers": [],
     }))
 }
 

@@ -310,4 +310,44 @@ fn the_dashboard_plots_the_status_history_without_console_errors() {
         shot.display()
     );
     eprintln!("dashboard screenshot: {}", shot.display());
+
+    // After the run: `coordinator dashboard` serves the same page from the history.
+    let mut after = Launch::spawn({
+        let mut cmd = std::process::Command::new(bin("coordinator"));
+        cmd.arg("dashboard").arg(&config);
+        cmd
+    });
+    let line = after.wait_for_line(Duration::from_secs(30), |l| l.starts_with("dashboard: "));
+    let url = line
+        .trim_start_matches("dashboard: ")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let (dom, log) = headless(&chromium, &url, &["--dump-dom"]);
+    assert!(
+        !log.contains("CONSOLE"),
+        "the page logged to its console:\n{log}"
+    );
+    assert!(dom.contains(">succeeded<"), "the finished state is shown");
+    let plotted: Vec<Vec<Vec<f64>>> =
+        serde_json::from_str(&attribute(&dom, "loss-chart", "data-points")).unwrap();
+    let history = stdout_of(
+        std::process::Command::new(bin("coordinator"))
+            .args(["status", "--json"])
+            .arg(&config),
+    );
+    let history: Value = serde_json::from_str(&history).unwrap();
+    let expected: Vec<Vec<f64>> = history["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| vec![p["step"].as_f64().unwrap(), p["loss"].as_f64().unwrap()])
+        .collect();
+    assert_eq!(expected.len(), 60);
+    assert_eq!(
+        plotted[0], expected,
+        "every step of the finished run, as recorded"
+    );
+    assert_eq!(plotted[1].len(), 2, "held-out loss before and after");
 }

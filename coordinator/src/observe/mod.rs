@@ -6,7 +6,7 @@
 //! records; scrapes and page loads read that state on the HTTP server's own tasks.
 
 pub mod history;
-mod http;
+pub mod http;
 pub mod plot;
 mod prom;
 pub mod report;
@@ -35,6 +35,25 @@ pub fn start(
         }
     });
     Ok(())
+}
+
+/// `coordinator dashboard`: serves the page for the job whose history is in `dir` on
+/// `listener` until Ctrl-C (a finished job, or one another coordinator runs).
+pub fn serve_history(
+    dir: std::path::PathBuf,
+    listener: std::net::TcpListener,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let interrupted = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        http::serve(listener, Arc::new(http::HistoryDir(dir)), interrupted).await
+    })
 }
 
 /// One point of the loss curve.
