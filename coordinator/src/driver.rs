@@ -61,6 +61,8 @@ pub struct Startup {
     pub launcher: Box<dyn Launcher>,
     /// This coordinator's hold on checkpoint.dir, taken before anything was written there.
     pub lease: Lease,
+    /// Per-GPU memory estimate, checked against the GPUs the workers report (None: no check).
+    pub gpu_need: Option<crate::job::devices::GpuNeed>,
 }
 
 pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, DriverError> {
@@ -71,6 +73,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         worker_binary,
         mut launcher,
         lease,
+        gpu_need,
     } = startup;
     let lease = Arc::new(lease);
     let (lease_lost_tx, mut lease_lost) = mpsc::unbounded_channel::<String>();
@@ -172,6 +175,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
             grad_accum_steps: config.grad_accum_steps,
             min_workers: config.cluster.min_workers,
             devices: config.cluster.devices,
+            gpu_need,
         },
         Instant::now(),
     );

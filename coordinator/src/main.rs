@@ -206,10 +206,14 @@ fn main() -> ExitCode {
                 }
             }
             // Everything that can be refused without reading data comes first.
-            let startup = match prepare_startup(&c) {
+            let mut startup = match prepare_startup(&c) {
                 Ok(s) => s,
                 Err(code) => return code,
             };
+            // With --device-memory the fit was checked above; else against the GPUs reported.
+            if !ignore_fit && device_memory.is_none() {
+                startup.gpu_need = plan::Plan::gpu_need(&c);
+            }
             // `resume: auto` (a restarted coordinator) continues the job when a checkpoint of
             // it exists, and keeps its restart count; a person's `--resume` starts counting anew.
             let auto = resume.is_none()
@@ -407,6 +411,7 @@ fn prepare_startup(c: &config::JobConfig) -> Result<driver::Startup, ExitCode> {
         token,
         worker_binary,
         launcher,
+        gpu_need: None,
     })
 }
 

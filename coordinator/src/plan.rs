@@ -13,6 +13,7 @@
 //! bench model, and a third shape not used while writing it.
 
 use crate::config::{DeviceSetting, JobConfig, LauncherKind};
+use crate::job::devices::GpuNeed;
 use indicatif::HumanBytes;
 use serde_json::Value;
 use std::fmt;
@@ -309,8 +310,28 @@ pub struct Plan {
 
 impl Plan {
     pub fn for_job(config: &JobConfig, device_memory: Option<u64>) -> Result<Plan, PlanError> {
-        let shape = Shape::read(&config.model_path)?;
         let gpu = config.cluster.devices.device == DeviceSetting::Cuda;
+        Plan::on(config, device_memory, gpu)
+    }
+
+    /// What each GPU would need if the group trains on CUDA (`device: auto` resolves only once
+    /// the workers report), for the check against the GPUs they report. None on `device: cpu`
+    /// or when the model's config cannot be read (the workers will say why).
+    pub fn gpu_need(config: &JobConfig) -> Option<GpuNeed> {
+        if config.cluster.devices.device == DeviceSetting::Cpu {
+            return None;
+        }
+        let plan = Plan::on(config, None, true).ok()?;
+        let worst = plan.workers.iter().max_by_key(|w| w.device_bytes())?;
+        let big = worst.biggest();
+        Some(GpuNeed {
+            bytes: worst.device_bytes(),
+            biggest: format!("{}: {} MiB ({})", big.name, big.bytes >> 20, big.detail),
+        })
+    }
+
+    fn on(config: &JobConfig, device_memory: Option<u64>, gpu: bool) -> Result<Plan, PlanError> {
+        let shape = Shape::read(&config.model_path)?;
         let settings = Settings {
             micro_batch: u64::from(config.micro_batch_size),
             seq_len: u64::from(config.data.seq_len),

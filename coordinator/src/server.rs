@@ -177,6 +177,12 @@ impl Coordinator for Service {
                 cuda_unavailable: (!r.cuda_unavailable.is_empty()).then_some(r.cuda_unavailable),
                 nccl_unavailable: (!r.nccl_unavailable.is_empty()).then_some(r.nccl_unavailable),
                 nccl_id: (!r.nccl_unique_id.is_empty()).then_some(r.nccl_unique_id),
+                gpu_memory: r
+                    .devices
+                    .iter()
+                    .filter(|d| d.kind == "cuda" && d.memory_bytes > 0)
+                    .map(|d| d.memory_bytes)
+                    .min(),
             },
         };
         match self.send(Event::Registered(info)).await? {

@@ -38,6 +38,55 @@ pub struct WorkerDevices {
     pub nccl_unavailable: Option<String>,
     /// The NCCL unique id this worker offers, used when it becomes rank 0.
     pub nccl_id: Option<Vec<u8>>,
+    /// Memory of its smallest CUDA device, when it reported one.
+    pub gpu_memory: Option<u64>,
+}
+
+/// What each GPU must hold for this job (`coordinator plan`'s estimate) and the estimate's
+/// biggest term, for the refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuNeed {
+    pub bytes: u64,
+    pub biggest: String,
+}
+
+/// [`resolve`], then [`check_memory`] against the job's estimate.
+pub fn resolve_fitting(
+    params: &super::JobParams,
+    ordered: &[&WorkerInfo],
+) -> Result<Resolved, String> {
+    let resolved = resolve(params.devices, ordered)?;
+    check_memory(&resolved, params.gpu_need.as_ref(), ordered)?;
+    Ok(resolved)
+}
+
+/// Err when the group trains on CUDA and a worker's GPU has less memory than the estimate.
+pub fn check_memory(
+    resolved: &Resolved,
+    need: Option<&GpuNeed>,
+    ordered: &[&WorkerInfo],
+) -> Result<(), String> {
+    let (DeviceKind::Cuda, Some(need)) = (resolved.device, need) else {
+        return Ok(());
+    };
+    let short: Vec<(&WorkerInfo, String)> = ordered
+        .iter()
+        .filter_map(|w| {
+            let have = w.devices.gpu_memory?;
+            (have < need.bytes).then(|| (*w, format!("{} MiB", have >> 20)))
+        })
+        .collect();
+    if short.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "the job does not fit on the workers' GPUs: each needs about {} MiB (the biggest term is {}), but {} of {} workers have less: {}. `coordinator plan --device-memory SIZE` lists every term; or start anyway with --ignore-fit",
+        need.bytes >> 20,
+        need.biggest,
+        short.len(),
+        ordered.len(),
+        list(&short)
+    ))
 }
 
 impl WorkerDevices {
@@ -308,5 +357,38 @@ mod tests {
             e.contains("6 of 6 workers cannot use CUDA: worker w0 on h, worker w1 on h, worker w2 on h, 2 more: no NVIDIA driver; worker x on h9: a CPU-only libtorch."),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_gpu_smaller_than_the_estimate_is_refused_naming_the_biggest_term() {
+        let with_memory = |id, gib: u64| WorkerDevices {
+            gpu_memory: Some(gib << 30),
+            ..gpu(id)
+        };
+        let (a, b) = (
+            worker("a", "h1", with_memory(1, 80)),
+            worker("b", "h2", with_memory(2, 24)),
+        );
+        let need = GpuNeed {
+            bytes: 40 << 30,
+            biggest: "optimizer state: 26000 MiB (AdamW)".into(),
+        };
+        let r = resolve(AUTO, &[&a, &b]).unwrap();
+        let err = check_memory(&r, Some(&need), &[&a, &b]).unwrap_err();
+        assert!(err.contains("each needs about 40960 MiB"), "{err}");
+        assert!(err.contains("biggest term is optimizer state"), "{err}");
+        assert!(
+            err.contains("1 of 2 workers have less: worker b on h2: 24576 MiB"),
+            "{err}"
+        );
+        assert!(check_memory(&r, Some(&need), &[&a]).is_ok());
+        assert!(check_memory(&r, None, &[&a, &b]).is_ok());
+        // On the CPU the GPUs do not matter.
+        let cpu = resolve(
+            config(DeviceSetting::Cpu, CollectiveSetting::Auto),
+            &[&a, &b],
+        )
+        .unwrap();
+        assert!(check_memory(&cpu, Some(&need), &[&a, &b]).is_ok());
     }
 }

@@ -96,6 +96,8 @@ pub struct JobParams {
     /// The fewest workers the job may continue on when lost ones do not come back.
     pub min_workers: u32,
     pub devices: crate::config::DeviceConfig,
+    /// Per-GPU memory the job needs (None: not checked), against what workers report.
+    pub gpu_need: Option<devices::GpuNeed>,
 }
 
 #[derive(Debug)]
@@ -398,7 +400,7 @@ impl Job {
         }
         let order = self.rank_order();
         let infos: Vec<&WorkerInfo> = order.iter().map(|id| &self.members[id].info).collect();
-        let resolved = match devices::resolve(self.params.devices, &infos) {
+        let resolved = match devices::resolve_fitting(&self.params, &infos) {
             Ok(r) => r,
             Err(reason) => return self.refuse_group(reason),
         };

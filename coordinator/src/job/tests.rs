@@ -18,6 +18,7 @@ fn params(world_size: u32) -> JobParams {
         grad_accum_steps: 2,
         min_workers: world_size,
         devices: crate::config::DeviceConfig::default(),
+        gpu_need: None,
     }
 }
 

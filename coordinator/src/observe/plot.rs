@@ -183,7 +183,8 @@ where
 
 /// 6.31, 0.251, 12.6: three significant digits.
 fn three_digits(v: f64) -> String {
-    let decimals = (2 - v.log10().floor() as i32).max(0) as usize;
+    // 10^0 comes back as 0.99999…: nudged, so that it prints as 1.00, not 1.000.
+    let decimals = (2 - (v * (1.0 + 1e-9)).log10().floor() as i32).max(0) as usize;
     format!("{v:.decimals$}")
 }
 
@@ -223,6 +224,14 @@ pub fn write(dir: &Path, job: &str, s: &Series) -> Result<(), String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn labels_have_three_significant_digits() {
+        assert_eq!(three_digits(10f64.powf(0.0)), "1.00");
+        assert_eq!(three_digits(0.2512), "0.251");
+        assert_eq!(three_digits(6.3096), "6.31");
+        assert_eq!(three_digits(125.9), "126");
+    }
 
     #[test]
     fn series_keep_one_point_per_step_and_name_datasets() {
