@@ -79,8 +79,9 @@ pub fn generate(
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization; give at least one token of text");
     }
-    sampling.stop.extend(tokenizer.special.eos.map(i64::from));
-    sampling.stop.extend(&model.config.eos_token_ids);
+    sampling
+        .stop
+        .extend(infer::stop_ids(&tokenizer, &model.config));
     let out = infer::generate(&model, &ids, &sampling);
     let ids: Vec<u32> = out.iter().map(|&t| t as u32).collect();
     let text = tokenizer.decode(&ids).map_err(anyhow::Error::msg)?;

@@ -20,6 +20,17 @@ pub struct Sampling {
     pub stop: Vec<i64>,
 }
 
+/// The ids generation stops at: the tokenizer's end-of-sequence token and the model's
+/// `eos_token_id`s.
+pub fn stop_ids(
+    tokenizer: &ferrotune_data::Tokenizer,
+    config: &crate::model::ModelConfig,
+) -> Vec<i64> {
+    let mut ids: Vec<i64> = tokenizer.special.eos.map(i64::from).into_iter().collect();
+    ids.extend(&config.eos_token_ids);
+    ids
+}
+
 /// Picks the next token from one position's logits.
 fn choose(logits: &Tensor, sampling: &Sampling, rng: &mut ChaCha8Rng) -> i64 {
     if sampling.temperature <= 0.0 {

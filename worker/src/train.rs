@@ -277,9 +277,7 @@ pub fn run(
         evaluate(net, &tasks, spec.eval_max_sequences, &batching, collective)
     };
     let prompts = crate::report::prompts(spec, &tokenizer)?;
-    let stop: Vec<i64> = (tokenizer.special.eos.map(i64::from).into_iter())
-        .chain(model.config.eos_token_ids.iter().copied())
-        .collect();
+    let stop = crate::infer::stop_ids(&tokenizer, &model.config);
     let shard = (placement.rank, placement.world_size);
     let answer = |phase: &str| {
         if !prompts.is_empty() {
