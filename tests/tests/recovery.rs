@@ -20,7 +20,10 @@ fn write_config(dir: &Path, name: &str, extra_cluster: &str) -> PathBuf {
         .replace(
             &format!("  dir: {name}\n"),
             &format!("  dir: {name}\n  every_steps: 3\n"),
-        );
+        )
+        // Steps of ~30 ms rather than ~8: a kill "after step N + a pause" must land while the
+        // job still trains (at 8 ms a step, the last 7 steps could be over before it).
+        .replace("  seq_len: 32\n", "  seq_len: 128\n");
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, text).unwrap();
     path
@@ -162,13 +165,16 @@ fn workers_killed_at_random_moments_cost_a_restart_and_change_nothing() {
             let after = 1 + draw.below(STEPS - 4);
             let pause = Duration::from_millis(draw.below(40));
             let prefix = format!("step {after:>5}/{STEPS}");
-            launch.wait_for_line(Duration::from_secs(60), |l| l.starts_with(&prefix));
-            std::thread::sleep(pause);
+            // The victim's pid before the moment comes: scanning /proc takes tens of
+            // milliseconds, as long as a few steps of this job.
+            launch.wait_for_line(Duration::from_secs(60), |l| l.starts_with("rank 1: "));
             let pid = tagged_processes(&launch.tag)
                 .into_iter()
                 .find(|(_, cmd)| cmd.contains(&format!("--worker-id local-{victim} ")))
                 .expect("the victim is running")
                 .0;
+            launch.wait_for_line(Duration::from_secs(60), |l| l.starts_with(&prefix));
+            std::thread::sleep(pause);
             // SAFETY: kill(2) on a pid read from /proc a moment ago, a worker of this job.
             assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
             hit.push(format!(
