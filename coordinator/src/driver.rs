@@ -14,12 +14,14 @@ use crate::progress::Progress;
 use crate::restarts;
 use crate::resume;
 use crate::server::{self, Inbound, Reply};
+use ferrotune_proto::v1::coordinator_server::SERVICE_NAME as COORDINATOR;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
+use tonic_health::ServingStatus::{NotServing, Serving};
 
 /// How long workers get to exit after SIGTERM before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -98,8 +100,12 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
     let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(1024);
     let service = server::build(inbound_tx, &config, token.clone());
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    // grpc.health.v1 without the job token: Kubernetes' gRPC readiness probe cannot send one.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status(COORDINATOR, Serving).await;
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
+            .add_service(health_service)
             .add_service(service)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -473,6 +479,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
         }
     };
     progress.finish();
+    health.set_service_status(COORDINATOR, NotServing).await;
     match &outcome {
         Outcome::Succeeded { final_checkpoint } => {
             observer.finished("succeeded", None, final_checkpoint.as_deref())

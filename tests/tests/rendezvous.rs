@@ -35,6 +35,28 @@ fn register_as(url: &str, token: &str, worker_id: &str, version: &str) -> tonic:
     })
 }
 
+/// grpc.health.v1 Check for `service`, without the job token (as Kubernetes' probe asks).
+fn health(url: &str, service: &str) -> Result<i32, tonic::Code> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = HealthClient::new(channel);
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        client
+            .check(request)
+            .await
+            .map(|r| r.into_inner().status)
+            .map_err(|s| s.code())
+    })
+}
+
 #[test]
 fn workers_started_elsewhere_join_and_a_mismatched_version_is_refused() {
     let _serial = serial();
@@ -57,6 +79,11 @@ fn workers_started_elsewhere_join_and_a_mismatched_version_is_refused() {
     let url = format!("http://127.0.0.1:{port}");
     let dial = run.wait_for_line(Duration::from_secs(60), |l| l.starts_with("workers dial: "));
     assert_eq!(dial, format!("workers dial: {url}"));
+    // Ready for workers: the readiness probe's answer, with no token.
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    assert_eq!(health(&url, "ferrotune.v1.Coordinator"), Ok(serving));
+    assert_eq!(health(&url, ""), Ok(serving));
+    assert_eq!(health(&url, "no.such.Service"), Err(tonic::Code::NotFound));
 
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let host = host.trim().to_string();
