@@ -261,20 +261,16 @@ fn status(target: &str, as_json: bool) -> ExitCode {
         status::live(target)
     } else {
         let path = Path::new(target);
-        let dir = if path.is_file() {
-            match load(path, config::Purpose::Validate) {
-                Ok(c) => c.checkpoint_dir,
-                Err(code) => return code,
-            }
-        } else if path.is_dir() {
-            path.to_path_buf()
-        } else {
+        if !path.is_file() && !path.is_dir() {
             return bad_input(
                 format!("{target} is neither a file, a directory nor a URL"),
                 "name the job's cluster.yaml, its checkpoint.dir, or its dashboard URL",
             );
-        };
-        status::of_dir(&dir)
+        }
+        match checkpoint_dir_of(path) {
+            Ok(dir) => status::of_dir(&dir),
+            Err(code) => return code,
+        }
     };
     match found {
         Ok(s) if as_json => {

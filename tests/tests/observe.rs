@@ -29,12 +29,7 @@ fn metrics_status_and_history_agree_with_the_step_lines() {
     let Some(python) = python() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let config = tiny_example(tmp.path());
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace("  log_every_steps: 5", "  log_every_steps: 1"),
-    )
-    .unwrap();
+    edit_config(&config, &[("  log_every_steps: 5", "  log_every_steps: 1")]);
     let mut run = Launch::start(&config);
     let line = run.wait_for_line(Duration::from_secs(60), |l| l.starts_with("dashboard: "));
     let url = line.trim_start_matches("dashboard: ").trim().to_string();

@@ -123,13 +123,13 @@ fn the_estimate_is_within_a_quarter_of_the_measured_peak() {
     let _serial = serial();
     let tiny = tempfile::tempdir().unwrap();
     let config = tiny_example(tiny.path());
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
+    edit_config(
         &config,
-        text.replace("steps: 60", "steps: 4")
-            .replace("every_steps: 30", "every_steps: 2"),
-    )
-    .unwrap();
+        &[
+            ("steps: 60", "steps: 4"),
+            ("every_steps: 30", "every_steps: 2"),
+        ],
+    );
     check("tiny example, 2 workers", &config, "runs/checkpoints");
 
     let shapes = [
@@ -165,18 +165,16 @@ fn an_over_large_micro_batch_is_refused_before_anything_starts() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let config = tiny_example(tmp.path());
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace("micro_batch_size: 8", "micro_batch_size: 512"),
-    )
-    .unwrap();
-    let plan = stdout_of(
-        std::process::Command::new(bin("coordinator"))
-            .arg("plan")
-            .arg(&config)
-            .args(["--device-memory", "4GiB"]),
-    );
+    edit_config(&config, &[("micro_batch_size: 8", "micro_batch_size: 512")]);
+    let plan_on_4gib = || {
+        stdout_of(
+            std::process::Command::new(bin("coordinator"))
+                .arg("plan")
+                .arg(&config)
+                .args(["--device-memory", "4GiB"]),
+        )
+    };
+    let plan = plan_on_4gib();
     assert!(plan.contains("the job does not fit"), "{plan}");
     for term in ["weights", "gradients", "optimizer state", "activations"] {
         assert!(plan.contains(term), "{term} missing:\n{plan}");
@@ -197,19 +195,13 @@ fn an_over_large_micro_batch_is_refused_before_anything_starts() {
         "nothing is written when refused"
     );
     // With checkpointing the same job fits.
-    std::fs::write(
+    edit_config(
         &config,
-        std::fs::read_to_string(&config).unwrap().replace(
+        &[(
             "  init: pretrained",
             "  init: pretrained\n  activation_checkpointing: true",
-        ),
-    )
-    .unwrap();
-    let plan = stdout_of(
-        std::process::Command::new(bin("coordinator"))
-            .arg("plan")
-            .arg(&config)
-            .args(["--device-memory", "4GiB"]),
+        )],
     );
+    let plan = plan_on_4gib();
     assert!(plan.trim_end().ends_with(": fits"), "{plan}");
 }

@@ -75,6 +75,17 @@ pub fn tiny_example(dir: &Path) -> PathBuf {
     dir.join("cluster.yaml")
 }
 
+/// Rewrites a config in place, each `(from, to)` in turn; every `from` must be in it (a pattern
+/// that no longer matches would silently test the unedited config).
+pub fn edit_config(path: &Path, edits: &[(&str, &str)]) {
+    let mut text = std::fs::read_to_string(path).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "`{from}` is not in {}", path.display());
+        text = text.replace(from, to);
+    }
+    std::fs::write(path, text).unwrap();
+}
+
 /// A small random-init model using the example tokenizer, plus the example data, in `dir`.
 pub fn small_random_model(dir: &Path) {
     let src = repo_root().join("examples/tiny");
