@@ -156,6 +156,46 @@ impl Lease {
         Self::acquire_as(dir, owner, timeout, now)
     }
 
+    /// Like [`Lease::acquire`], for a coordinator its scheduler started again (`resume: auto`):
+    /// a lease of the same job held from another host may be its own predecessor's, whose pod
+    /// or node died without releasing it. It watches the lease instead of refusing at once: a
+    /// holder that renews it while watched is alive and the launch is refused as before; a
+    /// lease nobody renews is taken over once it expires. `waiting` is told once.
+    pub fn acquire_or_wait(
+        dir: &Path,
+        job: &str,
+        timeout: Duration,
+        waiting: impl FnOnce(&LeaseError),
+    ) -> Result<Lease, LeaseError> {
+        let first = match Self::acquire(dir, job, timeout) {
+            Err(e @ LeaseError::Held { .. }) if matches!(&e, LeaseError::Held { owner, .. } if owner.job == job) => {
+                e
+            }
+            other => return other,
+        };
+        let LeaseError::Held { expires_in, .. } = &first else {
+            unreachable!("matched above")
+        };
+        let path = dir.join(LEASE_FILE);
+        let renewed_at = |p: &Path| {
+            std::fs::read_to_string(p)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Record>(&t).ok())
+                .map(|r| (r.owner.id, r.renewed_unix_ms))
+        };
+        let seen = renewed_at(&path);
+        // A second past the expiry, so that the takeover is not refused as still fresh.
+        let deadline = std::time::Instant::now() + *expires_in + Duration::from_secs(1);
+        waiting(&first);
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+            if renewed_at(&path) != seen {
+                break;
+            }
+        }
+        Self::acquire(dir, job, timeout)
+    }
+
     fn acquire_as(
         dir: &Path,
         owner: Owner,
@@ -399,6 +439,44 @@ mod tests {
         assert!(!dir.join(LEASE_FILE).exists());
         // Released: the next launch takes it at once.
         Lease::acquire_as(&dir, owner("c", later), timeout, later).unwrap();
+    }
+
+    #[test]
+    fn a_replaced_coordinator_waits_out_its_predecessors_lease_but_not_a_live_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ckpt");
+        let timeout = Duration::from_secs(2);
+        // The predecessor: the same job from another host (a pod that died), never renewed.
+        let mut gone = owner("old-pod", now_unix_ms());
+        gone.job = "tiny".into();
+        let predecessor = Lease::acquire_as(&dir, gone, timeout, now_unix_ms()).unwrap();
+        std::mem::forget(predecessor); // it died: no release
+        let mut told = false;
+        let started = std::time::Instant::now();
+        let lease = Lease::acquire_or_wait(&dir, "tiny", timeout, |_| told = true).unwrap();
+        assert!(told && started.elapsed() >= Duration::from_millis(1500));
+        assert_eq!(lease.epoch(), 2);
+
+        // A live holder renews while watched: refused.
+        let renewer = std::thread::spawn({
+            let lease = lease;
+            move || {
+                for _ in 0..8 {
+                    std::thread::sleep(Duration::from_millis(250));
+                    lease.renew().unwrap();
+                }
+                lease
+            }
+        });
+        let err = Lease::acquire_or_wait(&dir, "tiny", timeout, |_| ()).unwrap_err();
+        assert!(matches!(err, LeaseError::Held { .. }), "{err}");
+        // Another job's lease is refused at once, as by acquire.
+        let started = std::time::Instant::now();
+        let err = Lease::acquire_or_wait(&dir, "other", timeout, |_| panic!("waited")).unwrap_err();
+        assert!(
+            matches!(err, LeaseError::Held { .. }) && started.elapsed() < Duration::from_secs(1)
+        );
+        renewer.join().unwrap().release();
     }
 
     #[test]

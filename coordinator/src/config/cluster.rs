@@ -340,7 +340,20 @@ impl Checks<'_> {
                     );
                     1
                 }
-                Ok(n) => n,
+                Ok(n) => {
+                    // Set by deploy/kubernetes from the worker Job's parallelism: a number here
+                    // that disagrees would wait for workers that are never started.
+                    let env_size = env("FERROTUNE_WORLD_SIZE");
+                    if let Some(m) = env_size.filter(|m| m.trim().parse::<u32>().ok() != Some(n)) {
+                        self.push(
+                            v,
+                            FIELD,
+                            format!("is {n} but FERROTUNE_WORLD_SIZE is {} (on Kubernetes: the worker Job's parallelism)", m.trim()),
+                            "set `world_size: auto` so the job follows FERROTUNE_WORLD_SIZE, or make the two agree",
+                        );
+                    }
+                    n
+                }
                 Err(_) => {
                     self.push(
                         v,

@@ -361,6 +361,28 @@ fn world_size_auto_reads_slurm_then_ferrotune_variables() {
         3
     );
 
+    // A number that disagrees with FERROTUNE_WORLD_SIZE (a Kubernetes worker Job's
+    // parallelism) would wait for workers nobody starts: refused, naming both.
+    let fixed = with_cluster(
+        tmp.path(),
+        "  launcher: external\n  listen: 127.0.0.1:50051\n  world_size: 4\n",
+    );
+    let e = parse_with_env(&fixed, tmp.path(), &ours).unwrap_err();
+    assert_eq!(e[0].field, "cluster.world_size");
+    assert!(
+        e[0].message.contains("is 4 but FERROTUNE_WORLD_SIZE is 3"),
+        "{}",
+        e[0].message
+    );
+    let agrees = env(&[("FERROTUNE_WORLD_SIZE", "4")]);
+    assert_eq!(
+        parse_with_env(&fixed, tmp.path(), &agrees)
+            .unwrap()
+            .cluster
+            .world_size,
+        4
+    );
+
     // `validate` on a login node leaves it to `launch`.
     let deferred = parse_for(&text, tmp.path(), &env(&[]), Purpose::Validate).unwrap();
     assert!(deferred.cluster.world_size_deferred);
