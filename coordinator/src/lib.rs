@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod datacheck;
+pub mod deployment;
 pub mod driver;
 pub mod endpoint;
 pub mod job;

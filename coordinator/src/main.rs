@@ -74,6 +74,12 @@ enum Command {
     },
     /// Check a config and every line of its datasets without starting anything.
     Validate { config: PathBuf },
+    /// Check rendered Kubernetes manifests (`kubectl kustomize DIR | coordinator
+    /// check-deployment -`): world size, the config and token they mount, ports, shared storage.
+    CheckDeployment {
+        /// A file of rendered manifests, or - for standard input.
+        manifests: PathBuf,
+    },
     /// Summarise a running or finished job: live from its dashboard when it answers, else from
     /// <checkpoint.dir>/metrics.jsonl and its checkpoints.
     Status {
@@ -141,6 +147,7 @@ fn main() -> ExitCode {
         Command::Status { target, json } => status(&target, json),
         Command::Report { target } => report(&target),
         Command::Dashboard { target, listen } => dashboard(&target, listen),
+        Command::CheckDeployment { manifests } => check_deployment(&manifests),
         Command::Validate { config } => {
             let c = match load(&config, config::Purpose::Validate) {
                 Ok(c) => c,
@@ -398,8 +405,21 @@ fn prepare_startup(c: &config::JobConfig) -> Result<driver::Startup, ExitCode> {
     let observe_listener =
         endpoint::bind_observer(c.observe.listen).map_err(|e| bad_input(&e, e.hint()))?;
     // Last of the refusals, first write: nothing under checkpoint.dir is touched before this.
-    let lease = lease::Lease::acquire(&c.checkpoint_dir, &c.name, c.checkpoint_lease_timeout)
-        .map_err(|e| bad_input(&e, e.hint()))?;
+    let lease = if c.cluster.resume == config::ResumeSetting::Auto {
+        lease::Lease::acquire_or_wait(
+            &c.checkpoint_dir,
+            &c.name,
+            c.checkpoint_lease_timeout,
+            |held| {
+                eprintln!(
+                    "{held}\n  waiting for it to expire (resume: auto — a replaced coordinator's predecessor leaves its lease behind); refused if its owner renews it"
+                )
+            },
+        )
+    } else {
+        lease::Lease::acquire(&c.checkpoint_dir, &c.name, c.checkpoint_lease_timeout)
+    }
+    .map_err(|e| bad_input(&e, e.hint()))?;
     Ok(driver::Startup {
         lease,
         listener,
@@ -468,4 +488,32 @@ fn launch(config: config::JobConfig, startup: driver::Startup) -> anyhow::Result
             ExitCode::from(EXIT_INTERRUPTED)
         }
     })
+}
+
+fn check_deployment(manifests: &std::path::Path) -> ExitCode {
+    let text = if manifests == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(manifests)
+    };
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {}: {e}", manifests.display());
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    match ferrotune_coordinator::deployment::check(&text) {
+        Ok(d) => {
+            println!(
+                "ok: Job/{} starts {} workers for Job/{}; shared claim {} at {}",
+                d.worker_job, d.world_size, d.coordinator_job, d.shared_claim, d.shared_path
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", manifests.display());
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+    }
 }

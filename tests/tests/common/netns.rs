@@ -94,6 +94,11 @@ impl Hosts {
         Some(hosts)
     }
 
+    /// Host `i`'s namespace (under /run/netns).
+    pub fn name(&self, i: usize) -> &str {
+        &self.names[i]
+    }
+
     /// Host `i`'s address.
     pub fn address_of(i: usize) -> String {
         format!("10.77.0.{}", i + 1)
