@@ -29,7 +29,8 @@ if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null; then
 fi
 
 # One build at a time on this machine (podman's storage is shared).
-exec 9>"$root/target/k8s.lock" 2>/dev/null || { mkdir -p "$root/target"; exec 9>"$root/target/k8s.lock"; }
+mkdir -p "$root/target"
+exec 9>"$root/target/k8s.lock"
 flock 9
 
 cache="$root/target/k8s/debian-bookworm-minbase.tar"
