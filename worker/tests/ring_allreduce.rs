@@ -288,3 +288,95 @@ fn flat_views_over_two_ranks_reduce_in_place() {
 fn flat_views_over_three_ranks_reduce_in_place() {
     check_flat_views(3);
 }
+
+/// Reduce-scatter, all-gather and broadcast against direct computation, for chunk sizes of one
+/// element, odd ones, and one spanning several pipelined segments (256 KiB = 65,536 floats).
+fn check_sharded_ops(world: usize) {
+    let opts = options(Duration::from_secs(20), 1024);
+    for chunk in [1i64, 7, 1001, 70_001] {
+        let n = chunk * world as i64;
+        tch::manual_seed(7 + chunk);
+        let inputs: Vec<Tensor> = (0..world)
+            .map(|_| Tensor::randn([n], (Kind::Float, tch::Device::Cpu)))
+            .collect();
+        let copies: Vec<(Tensor, Tensor)> = inputs
+            .iter()
+            .enumerate()
+            .map(|(r, t)| (t.copy(), t.narrow(0, r as i64 * chunk, chunk).copy()))
+            .collect();
+        let results = on_ring(&opts, copies, |rank, mut ring, (mut input, own)| {
+            let mut sum = Tensor::zeros([chunk], (Kind::Float, tch::Device::Cpu));
+            ring.reduce_scatter(&mut input.copy(), &mut sum, ReduceOp::Sum)
+                .unwrap();
+            let mut mean = Tensor::zeros([chunk], (Kind::Float, tch::Device::Cpu));
+            ring.reduce_scatter(&mut input, &mut mean, ReduceOp::Mean)
+                .unwrap();
+            // Every rank contributes its own chunk of its input.
+            let mut gathered = Tensor::full([n], f64::NAN, (Kind::Float, tch::Device::Cpu));
+            ring.all_gather(&own, &mut gathered).unwrap();
+            // Rank (world - 1) broadcasts its gathered tensor plus its rank.
+            let mut b = if rank == world - 1 {
+                &gathered + rank as f64
+            } else {
+                Tensor::zeros([n], (Kind::Float, tch::Device::Cpu))
+            };
+            ring.broadcast(&mut b, world - 1).unwrap();
+            (sum, mean, gathered, b)
+        });
+        let stacked = Tensor::stack(&inputs, 0).to_kind(Kind::Double);
+        let total = stacked.sum_dim_intlist(0, false, Kind::Double);
+        let mut own_chunks = Vec::new();
+        for (rank, (sum, mean, _, _)) in results.iter().enumerate() {
+            let what = format!("world {world}, chunk {chunk}, rank {rank}");
+            let expected = total.narrow(0, rank as i64 * chunk, chunk);
+            let diff = |t: &Tensor, e: &Tensor| {
+                (t.to_kind(Kind::Double) - e).abs().max().double_value(&[])
+            };
+            assert!(diff(sum, &expected) <= 1e-5, "{what}: reduce-scatter sum");
+            assert!(
+                diff(mean, &(&expected / world as f64)) <= 1e-6,
+                "{what}: reduce-scatter mean"
+            );
+            own_chunks.push(inputs[rank].narrow(0, rank as i64 * chunk, chunk));
+        }
+        // The gather is exact: every rank holds every rank's own chunk, in rank order.
+        let expected = Tensor::cat(&own_chunks, 0);
+        for (rank, (_, _, gathered, b)) in results.iter().enumerate() {
+            assert!(
+                gathered.equal(&expected),
+                "world {world}, chunk {chunk}: rank {rank}'s all-gather"
+            );
+            assert!(
+                b.equal(&(&expected + (world - 1) as f64)),
+                "world {world}, chunk {chunk}: rank {rank}'s broadcast"
+            );
+        }
+    }
+}
+
+#[test]
+fn reduce_scatter_all_gather_and_broadcast_over_two_ranks() {
+    check_sharded_ops(2);
+}
+
+#[test]
+fn reduce_scatter_all_gather_and_broadcast_over_three_ranks() {
+    check_sharded_ops(3);
+}
+
+#[test]
+fn chunks_that_do_not_divide_are_refused() {
+    let opts = options(Duration::from_secs(20), 1024);
+    let errors = on_ring(&opts, vec![(), ()], |_, mut ring, ()| {
+        let mut input = Tensor::zeros([7], (Kind::Float, tch::Device::Cpu));
+        let mut out = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu));
+        ring.reduce_scatter(&mut input, &mut out, ReduceOp::Sum)
+            .unwrap_err()
+            .to_string()
+    });
+    assert!(
+        errors[0].contains("7 elements are not 2 chunks of 3"),
+        "{}",
+        errors[0]
+    );
+}

@@ -83,6 +83,38 @@ pub trait Collective: Send {
         self.all_reduce(tensors, op)?;
         self.all_reduce_scalars(scalars, op)
     }
+
+    /// Reduces `input` (world_size equal chunks, contiguous) across ranks; `output` (one chunk)
+    /// receives this rank's chunk of the result: chunk r on rank r. `input` is scratch: its
+    /// contents afterwards are unspecified (the ring reduces in it).
+    fn reduce_scatter(
+        &mut self,
+        input: &mut Tensor,
+        output: &mut Tensor,
+        op: ReduceOp,
+    ) -> Result<(), CollectiveError>;
+
+    /// `output` (world_size equal chunks) becomes every rank's `input` in rank order.
+    fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<(), CollectiveError>;
+
+    /// Every rank's `tensor` becomes `root`'s.
+    fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError>;
+}
+
+/// Checks that `whole` is `parts` chunks of `one`'s size (the equal chunks NCCL requires too).
+pub(crate) fn check_chunks(
+    whole: &Tensor,
+    one: &Tensor,
+    world_size: usize,
+) -> Result<(), CollectiveError> {
+    if whole.numel() != one.numel() * world_size {
+        return Err(CollectiveError::Setup(format!(
+            "{} elements are not {world_size} chunks of {}",
+            whole.numel(),
+            one.numel()
+        )));
+    }
+    Ok(())
 }
 
 /// The group of one: every reduction is the identity.
@@ -99,6 +131,24 @@ impl Collective for SingleProcess {
         Ok(())
     }
     fn all_reduce_scalars(&mut self, _: &mut [f64], _: ReduceOp) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+    fn reduce_scatter(
+        &mut self,
+        input: &mut Tensor,
+        output: &mut Tensor,
+        _: ReduceOp,
+    ) -> Result<(), CollectiveError> {
+        check_chunks(input, output, 1)?;
+        output.copy_(&input.view_as(output));
+        Ok(())
+    }
+    fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<(), CollectiveError> {
+        check_chunks(output, input, 1)?;
+        output.copy_(&input.view_as(output));
+        Ok(())
+    }
+    fn broadcast(&mut self, _: &mut Tensor, _: usize) -> Result<(), CollectiveError> {
         Ok(())
     }
 }

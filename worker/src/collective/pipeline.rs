@@ -176,6 +176,37 @@ impl Neighbours {
     }
 }
 
+/// Which part of the ring schedule a call runs. An all-reduce is both halves in the ring's own
+/// chunk order; the halves alone label chunks so that rank r owns chunk r (as NCCL does): after
+/// a reduce-scatter rank r holds the sum of chunk r, and an all-gather starts from rank r
+/// holding chunk r.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phases {
+    AllReduce,
+    ReduceScatter,
+    AllGather,
+}
+
+impl Phases {
+    /// The schedule's steps (of the all-reduce's 2(W-1)) this call runs.
+    fn steps(self, w: usize) -> std::ops::Range<usize> {
+        match self {
+            Phases::AllReduce => 0..2 * (w - 1),
+            Phases::ReduceScatter => 0..w - 1,
+            Phases::AllGather => w - 1..2 * (w - 1),
+        }
+    }
+
+    /// The chunk of the buffer that the schedule's chunk `c` is: after the reduce-scatter the
+    /// ring schedule leaves rank r owning its chunk r+1, so the halves shift labels by one.
+    fn chunk(self, c: usize, w: usize) -> usize {
+        match self {
+            Phases::AllReduce => c,
+            Phases::ReduceScatter | Phases::AllGather => (c + w - 1) % w,
+        }
+    }
+}
+
 pub fn classify(
     kind: ErrorKind,
     source: std::io::Error,
@@ -200,12 +231,14 @@ pub fn classify(
 /// Sums `buf` over all ranks in place (every rank passes a buffer of the same length) and
 /// leaves the same bits on every rank: each element is summed on one rank, in one order, and
 /// copied everywhere else. `scratch` is the reusable receive area (at least one segment).
+/// `phases` runs only half of it: see [`Phases`] (chunk c is `c*n/W..(c+1)*n/W`).
 pub fn reduce<T: Element>(
     buf: &mut [T],
     prev: &mut TcpStream,
     sender: &Sender,
     scratch: &mut Vec<u64>,
     who: Neighbours,
+    phases: Phases,
 ) -> Result<(), CollectiveError> {
     let w = who.world_size;
     if w < 2 || buf.is_empty() {
@@ -216,7 +249,64 @@ pub fn reduce<T: Element>(
     if scratch.len() < scratch_words {
         scratch.resize(scratch_words, 0);
     }
-    let received = run_schedule(buf, prev, sender, scratch, who, seg_elems);
+    let received = run_schedule(buf, prev, sender, scratch, who, seg_elems, phases);
+    finish(received, sender, who)
+}
+
+/// Every rank's `buf` becomes `root`'s: the segments travel once round the ring from the root,
+/// each forwarded as soon as it has arrived.
+pub fn broadcast<T: Element>(
+    buf: &mut [T],
+    prev: &mut TcpStream,
+    sender: &Sender,
+    who: Neighbours,
+    root: usize,
+) -> Result<(), CollectiveError> {
+    if who.world_size < 2 || buf.is_empty() {
+        return Ok(());
+    }
+    let seg_elems = (SEGMENT_BYTES / std::mem::size_of::<T>()).max(1);
+    let size = std::mem::size_of::<T>();
+    let n = buf.len();
+    let base = buf.as_mut_ptr();
+    let mut received = Ok(());
+    for x in (0..n).step_by(seg_elems) {
+        let y = (x + seg_elems).min(n);
+        if who.rank != root {
+            // SAFETY: x..y lies inside `buf`, and the sender never reads a segment before it is
+            // queued below, after this write.
+            let dst = unsafe { std::slice::from_raw_parts_mut(base.add(x), y - x) };
+            if let Err(e) = read(prev, bytemuck::cast_slice_mut(dst), who) {
+                received = Err(e);
+                break;
+            }
+        }
+        if who.next() != root {
+            let segment = SendSegment {
+                // SAFETY: x..y lies inside `buf`; nothing writes it again in this call.
+                ptr: unsafe { base.add(x) } as *const u8,
+                len: (y - x) * size,
+            };
+            if !sender.queue(Job::Send(segment)) {
+                received = Err(CollectiveError::PeerLost {
+                    peer: who.next(),
+                    during: "broadcast send",
+                    source: std::io::Error::new(ErrorKind::BrokenPipe, "sender thread ended"),
+                });
+                break;
+            }
+        }
+    }
+    finish(received, sender, who)
+}
+
+/// Ends a call: waits until the sender is done with the caller's memory, and names the rank
+/// whose failure came first.
+fn finish(
+    received: Result<(), CollectiveError>,
+    sender: &Sender,
+    who: Neighbours,
+) -> Result<(), CollectiveError> {
     // A receive that fails is often only the echo of a send that failed first (the next rank
     // is gone, so the ring stalled): then the send's peer is the one to name.
     let send_failed_first = sender.failed.load(Ordering::Acquire);
@@ -254,10 +344,14 @@ fn run_schedule<T: Element>(
     scratch: &mut [u64],
     who: Neighbours,
     seg_elems: usize,
+    phases: Phases,
 ) -> Result<(), CollectiveError> {
     let (w, rank, n) = (who.world_size, who.rank, buf.len());
     let size = std::mem::size_of::<T>();
-    let bounds = |chunk: usize| (chunk * n / w, (chunk + 1) * n / w);
+    let bounds = |c: usize| {
+        let chunk = phases.chunk(c, w);
+        (chunk * n / w, (chunk + 1) * n / w)
+    };
     // Everything below goes through this one pointer: the sender thread reads segments of the
     // buffer while this thread writes other segments of it.
     let base = buf.as_mut_ptr();
@@ -283,11 +377,12 @@ fn run_schedule<T: Element>(
             .step_by(seg_elems)
             .map(move |x| (x, (x + seg_elems).min(b)))
     };
-    for (x, y) in segments(rank) {
+    let steps = phases.steps(w);
+    // The first step sends chunk (rank - first): the rank's own in either half.
+    for (x, y) in segments((rank + 2 * w - steps.start) % w) {
         queue_send(x, y)?;
     }
-    let steps = 2 * (w - 1);
-    for s in 0..steps {
+    for s in steps.clone() {
         if s == 1 {
             // Half-way through: a neighbour has sent to us and waits for what we owe it.
             crate::fault::point(crate::fault::Point::AllReduce);
@@ -308,7 +403,7 @@ fn run_schedule<T: Element>(
             } else {
                 read(prev, bytemuck::cast_slice_mut(dst), who)?;
             }
-            if s + 1 < steps {
+            if s + 1 < steps.end {
                 queue_send(x, y)?;
             }
         }

@@ -12,8 +12,8 @@
 //! Every socket has read and write timeouts: a dead peer gives an error (connection reset or
 //! end of stream), a silent one gives a timeout, never a hang.
 
-use super::pipeline::{self, Element, Neighbours, Sender};
-use super::{flat, plan_buckets, Collective, CollectiveError, ReduceOp};
+use super::pipeline::{self, Element, Neighbours, Phases, Sender};
+use super::{check_chunks, flat, plan_buckets, Collective, CollectiveError, ReduceOp};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -189,28 +189,66 @@ impl Ring {
         Some(RingAbort { streams })
     }
 
+    fn neighbours(&self) -> Neighbours {
+        Neighbours {
+            rank: self.rank,
+            world_size: self.world_size,
+            timeout: self.timeout,
+        }
+    }
+
     /// Sums (or averages) `buf` over the ring in place.
     fn reduce_in_place<T: Element>(
         &mut self,
         buf: &mut [T],
         op: ReduceOp,
     ) -> Result<(), CollectiveError> {
-        let who = Neighbours {
-            rank: self.rank,
-            world_size: self.world_size,
-            timeout: self.timeout,
-        };
-        if let Some(link) = self.link.as_mut() {
-            pipeline::reduce(buf, &mut link.prev, &link.sender, &mut self.scratch, who)?;
-        }
+        self.run_phases(buf, Phases::AllReduce)?;
         if op == ReduceOp::Mean {
-            let div = T::from_count(self.world_size);
-            for x in buf.iter_mut() {
-                *x /= div;
-            }
+            divide(buf, self.world_size);
         }
         Ok(())
     }
+
+    fn run_phases<T: Element>(
+        &mut self,
+        buf: &mut [T],
+        phases: Phases,
+    ) -> Result<(), CollectiveError> {
+        let who = self.neighbours();
+        match self.link.as_mut() {
+            Some(link) => pipeline::reduce(
+                buf,
+                &mut link.prev,
+                &link.sender,
+                &mut self.scratch,
+                who,
+                phases,
+            ),
+            None => Ok(()),
+        }
+    }
+}
+
+fn divide<T: Element>(buf: &mut [T], n: usize) {
+    let div = T::from_count(n);
+    for x in buf.iter_mut() {
+        *x /= div;
+    }
+}
+
+/// One contiguous fp32 CPU tensor's memory (the ring's element type).
+fn one_slice(t: &mut Tensor) -> Result<&mut [f32], CollectiveError> {
+    let tensors = std::slice::from_mut(t);
+    flat::check_tensors(tensors)?;
+    if tensors[0].numel() == 0 {
+        return Ok(&mut []);
+    }
+    flat::as_one_slice(tensors).ok_or(CollectiveError::UnsupportedTensor {
+        kind: tch::Kind::Float,
+        device: tch::Device::Cpu,
+        expected: "one contiguous fp32 CPU tensor (the TCP ring)",
+    })
 }
 
 fn classify(
@@ -349,5 +387,50 @@ impl Collective for Ring {
         op: ReduceOp,
     ) -> Result<(), CollectiveError> {
         self.reduce_in_place(values, op)
+    }
+
+    fn reduce_scatter(
+        &mut self,
+        input: &mut Tensor,
+        output: &mut Tensor,
+        op: ReduceOp,
+    ) -> Result<(), CollectiveError> {
+        check_chunks(input, output, self.world_size)?;
+        let (w, rank) = (self.world_size, self.rank);
+        let buf = one_slice(input)?;
+        self.run_phases(buf, Phases::ReduceScatter)?;
+        let k = buf.len() / w;
+        let mine = &mut buf[rank * k..(rank + 1) * k];
+        if op == ReduceOp::Mean {
+            divide(mine, w);
+        }
+        one_slice(output)?.copy_from_slice(mine);
+        Ok(())
+    }
+
+    fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<(), CollectiveError> {
+        check_chunks(output, input, self.world_size)?;
+        flat::check_tensors(std::slice::from_ref(input))?;
+        let (w, rank) = (self.world_size, self.rank);
+        let buf = one_slice(output)?;
+        let k = buf.len() / w;
+        flat::pack(std::slice::from_ref(input), &mut self.bucket);
+        buf[rank * k..(rank + 1) * k].copy_from_slice(&self.bucket);
+        self.run_phases(buf, Phases::AllGather)
+    }
+
+    fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
+        if root >= self.world_size {
+            return Err(CollectiveError::Setup(format!(
+                "broadcast from rank {root} in a group of {}",
+                self.world_size
+            )));
+        }
+        let who = self.neighbours();
+        let buf = one_slice(tensor)?;
+        match self.link.as_mut() {
+            Some(link) => pipeline::broadcast(buf, &mut link.prev, &link.sender, who, root),
+            None => Ok(()),
+        }
     }
 }

@@ -160,6 +160,23 @@ impl Collective for Nccl {
         self.all_reduce_with_scalars(tensors, &mut [], op)
     }
 
+    fn reduce_scatter(
+        &mut self,
+        input: &mut Tensor,
+        output: &mut Tensor,
+        op: ReduceOp,
+    ) -> Result<(), CollectiveError> {
+        Nccl::reduce_scatter(self, input, output, op)
+    }
+
+    fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<(), CollectiveError> {
+        Nccl::all_gather(self, input, output)
+    }
+
+    fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError> {
+        Nccl::broadcast(self, tensor, root)
+    }
+
     fn all_reduce_scalars(
         &mut self,
         values: &mut [f64],
