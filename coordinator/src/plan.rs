@@ -7,8 +7,9 @@
 //! backward. The activation model counts, per token and layer, the tensors the decoder saves
 //! (two per RMSNorm, q/k/v after RoPE and the attention output, the four SwiGLU intermediates,
 //! the residual stream; on the CPU also the attention probabilities, seq_len per head), plus
-//! one more layer's worth for the gradients alive while a layer runs backward, plus the
-//! logits (fp32 logits, log-softmax and their two gradients). It was checked against the
+//! one more layer's worth for the gradients alive while a layer runs backward, plus one loss
+//! chunk's logits (fp32 logits, log-softmax and their two gradients; the loss never holds the
+//! whole batch's). It was checked against the
 //! measured peak resident memory of real workers (tests/tests/plan.rs): tiny model, the ~30M
 //! bench model, and a third shape not used while writing it.
 
@@ -214,7 +215,7 @@ pub fn estimate(shape: &Shape, s: &Settings) -> (WorkerPlan, WorkerPlan) {
     let element = if s.bf16 { 2 } else { 4 };
     let tokens = s.micro_batch * s.seq_len;
     let layer = layer_elements(shape, s) * element;
-    let head = 2 * shape.hidden * element + 4 * shape.vocab * 4;
+    let head = 2 * shape.hidden * element;
     let per_token = if s.activation_checkpointing {
         // Layer inputs only, then one layer recomputed and run backward at a time.
         shape.layers * shape.hidden * element + 2 * layer + head
@@ -226,7 +227,12 @@ pub fn estimate(shape: &Shape, s: &Settings) -> (WorkerPlan, WorkerPlan) {
     } else {
         0
     };
-    let activations = tokens * per_token + mask;
+    // The loss runs over chunks of positions: one chunk's fp32 logits, log-softmax and their
+    // two gradients at a time.
+    let chunk =
+        ferrotune_data::loss_chunk_positions(s.micro_batch as i64, shape.vocab as i64) as u64;
+    let logits = s.micro_batch * s.seq_len.min(chunk) * shape.vocab * 4 * 4;
+    let activations = tokens * per_token + mask + logits;
     term(
         "activations",
         activations,

@@ -17,6 +17,16 @@ pub mod trainer_state;
 
 pub use tokenizer::{SpecialTokens, Tokenizer};
 
+/// Logit elements per chunk of the workers' training loss (worker/src/model/loss.rs): the
+/// batch's logits are never whole. Here so that `coordinator plan`, which never links libtorch,
+/// estimates the same chunks.
+pub const LOSS_CHUNK_ELEMENTS: i64 = 1 << 25;
+
+/// Positions per loss chunk for `batch` rows of `vocab` logits.
+pub fn loss_chunk_positions(batch: i64, vocab: i64) -> i64 {
+    (LOSS_CHUNK_ELEMENTS / (batch * vocab).max(1)).max(1)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("cannot read {path}: {source}")]

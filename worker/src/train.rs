@@ -9,6 +9,7 @@ use crate::collective::{Collective, CollectiveError, ReduceOp};
 use crate::data::{self, DataError, Task};
 use crate::grads::FlatGrads;
 use crate::model::io::{LoadedModel, SaveOptions};
+use crate::model::loss::CHUNK_ELEMENTS;
 use crate::model::Llama;
 use crate::model::{DType, ModelError};
 use crate::optim::{lr_at, scale_and_clip, AdamW, AdamWConfig};
@@ -405,9 +406,8 @@ pub fn run(
             if spec.activation_checkpointing {
                 local_loss_sum += net.loss_sum_backward_checkpointed(x, y, packing, 1.0);
             } else {
-                let (loss_sum, _) = net.loss_sum_packed(x, y, packing);
-                local_loss_sum += loss_sum.double_value(&[]);
-                loss_sum.backward();
+                // The logits in chunks: never the whole batch's (model/loss.rs).
+                local_loss_sum += net.loss_sum_backward(x, y, packing, 1.0, CHUNK_ELEMENTS);
             }
         }
         let mut grads = match &compute {

@@ -327,7 +327,11 @@ impl Llama {
             .expand([b, s], false)
     }
 
-    fn head(&self, x: &Tensor) -> Tensor {
+    pub(super) fn vocab_size(&self) -> i64 {
+        self.vocab_size
+    }
+
+    pub(super) fn head(&self, x: &Tensor) -> Tensor {
         let x = self.norm.forward(x);
         match &self.lm_head {
             Some(head) => head.forward(&x),
@@ -351,21 +355,36 @@ impl Llama {
         positions: &Tensor,
         mask: Option<&Tensor>,
     ) -> Tensor {
+        self.head(&self.hidden_masked(input_ids, positions, mask))
+    }
+
+    /// The last decoder layer's output (before the final norm and the head).
+    fn hidden_masked(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
         let (cos, sin) = rope::tables(positions, &self.inv_freq);
         let mut x = self.embed_tokens.forward(input_ids);
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, None, mask);
         }
-        self.head(&x)
+        x
     }
 
     /// Logits of rows that may hold several samples (plain causal rows when `packing` is None).
     pub fn forward_packed(&self, input_ids: &Tensor, packing: Option<&Packing>) -> Tensor {
+        self.head(&self.hidden_packed(input_ids, packing))
+    }
+
+    /// [`Llama::forward_packed`] before the final norm and the head.
+    pub(super) fn hidden_packed(&self, input_ids: &Tensor, packing: Option<&Packing>) -> Tensor {
         match packing {
-            None => self.forward(input_ids),
+            None => self.hidden_masked(input_ids, &Self::positions(input_ids, 0), None),
             Some(p) => {
                 let mask = p.mask(self.sliding_window);
-                self.forward_masked(input_ids, &p.positions, Some(&mask))
+                self.hidden_masked(input_ids, &p.positions, Some(&mask))
             }
         }
     }
@@ -385,7 +404,12 @@ impl Llama {
     }
 
     /// Cross-entropy in fp32, summed or per position (flattened).
-    fn cross_entropy(&self, logits: &Tensor, labels: &Tensor, reduction: Reduction) -> Tensor {
+    pub(super) fn cross_entropy(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        reduction: Reduction,
+    ) -> Tensor {
         // reshape, not view: callers may pass labels sliced out of a longer window.
         logits
             .reshape([-1, self.vocab_size])
@@ -460,11 +484,8 @@ impl Llama {
             }
             x
         });
-        let hidden = hidden.set_requires_grad(true);
-        let loss = self.loss_of(&self.head(&hidden), labels);
-        let loss_value = loss.double_value(&[]);
-        (loss * scale).backward();
-        let mut upstream = hidden.grad();
+        let (loss_value, mut upstream) =
+            self.head_loss_backward(&hidden, labels, scale, super::loss::CHUNK_ELEMENTS);
         for (layer, input) in self.layers.iter().zip(layer_inputs).rev() {
             let input = input.set_requires_grad(true);
             let out = layer.forward(&input, &cos, &sin, None, mask);

@@ -5,6 +5,7 @@ pub mod config;
 pub mod dtype;
 pub mod io;
 pub mod llama;
+pub mod loss;
 pub mod rope;
 
 pub use config::ModelConfig;
