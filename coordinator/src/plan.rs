@@ -142,6 +142,9 @@ pub struct Settings {
     /// Checkpoints during training (the snapshot buffers live from the start), not only at
     /// the end (allocated after the last step, when activations are gone).
     pub periodic_checkpoints: bool,
+    /// training.zero_stage, and the world size its chunks divide by.
+    pub zero_stage: u32,
+    pub world_size: u64,
 }
 
 /// Resident memory of a worker before its model is loaded (libtorch, the runtime, the
@@ -211,7 +214,26 @@ pub fn estimate(shape: &Shape, s: &Settings) -> (WorkerPlan, WorkerPlan) {
         term("weights", 4 * p, "fp32".into());
         term("gradients", 4 * p, "fp32, one flat buffer".into());
     }
-    term("optimizer state", 8 * p, "AdamW: two fp32 moments".into());
+    let w = s.world_size.max(1);
+    if s.zero_stage == 0 {
+        term("optimizer state", 8 * p, "AdamW: two fp32 moments".into());
+    } else {
+        term(
+            "optimizer state",
+            (8 * p).div_ceil(w),
+            format!(
+                "AdamW: two fp32 moments of this rank's 1/{w} chunk (zero_stage {})",
+                s.zero_stage
+            ),
+        );
+    }
+    if s.zero_stage == 2 {
+        term(
+            "gradient chunk",
+            (4 * p).div_ceil(w),
+            "zero_stage 2: this rank's chunk of the reduce-scattered gradient".into(),
+        );
+    }
     let element = if s.bf16 { 2 } else { 4 };
     let tokens = s.micro_batch * s.seq_len;
     let layer = layer_elements(shape, s) * element;
@@ -264,12 +286,18 @@ pub fn estimate(shape: &Shape, s: &Settings) -> (WorkerPlan, WorkerPlan) {
         peak_bytes: state + activations,
         runtime_bytes,
     };
-    let snapshot = 12 * p;
+    // At zero_stage 1 and 2 rank 0 also keeps the moments it gathers for the checkpoint.
+    let gathered = if s.zero_stage > 0 { 8 * p } else { 0 };
+    let snapshot = 12 * p + gathered;
     let mut writer_terms = common;
     writer_terms.push(Term {
         name: "checkpoint snapshot",
         bytes: snapshot,
-        detail: "rank 0: fp32 weights and moments copied for the background write".into(),
+        detail: if gathered > 0 {
+            "rank 0: fp32 weights and moments copied for the background write, and the moments gathered from every rank".into()
+        } else {
+            "rank 0: fp32 weights and moments copied for the background write".into()
+        },
         place: if s.gpu { Place::Host } else { Place::Device },
     });
     let writer_peak = if s.gpu {
@@ -310,6 +338,7 @@ pub struct Plan {
     pub parameters: u64,
     pub device: &'static str,
     pub world_size: u32,
+    pub zero_stage: u32,
     pub workers: Vec<WorkerPlan>,
     pub capacity: Option<Capacity>,
 }
@@ -347,6 +376,8 @@ impl Plan {
             packing: config.data.packing,
             periodic_checkpoints: config.checkpoint_every_steps > 0
                 && config.checkpoint_every_steps < config.steps,
+            zero_stage: config.zero_stage,
+            world_size: u64::from(config.cluster.world_size.max(1)),
         };
         let (writer, other) = estimate(&shape, &settings);
         let world_size = config.cluster.world_size.max(1);
@@ -377,6 +408,7 @@ impl Plan {
             parameters: shape.parameters(),
             device: if gpu { "cuda" } else { "cpu" },
             world_size,
+            zero_stage: config.zero_stage,
             workers,
             capacity,
         })
@@ -399,7 +431,8 @@ impl Plan {
         let hint = match big.name {
             "activations" => "set training.activation_checkpointing: true, or lower training.micro_batch_size (raise grad_accum_steps to keep the global batch) or data.seq_len",
             "checkpoint snapshot" => "give rank 0 more memory, or checkpoint less often (checkpoint.every_steps)",
-            _ => "use workers with more memory, or more workers once optimizer state can be sharded (ROADMAP: ZeRO stages)",
+            "optimizer state" if self.zero_stage == 0 => "set training.zero_stage: 1 (each rank keeps 1/world_size of the AdamW moments), or use workers with more memory",
+            _ => "use workers with more memory, or more workers with training.zero_stage: 1 or 2",
         };
         Err(format!(
             "the job does not fit: {} needs about {} but has {} ({}); the biggest term is {}: {} ({}); {hint}. `coordinator plan` lists every term",

@@ -113,6 +113,7 @@ fn training_spec(c: &JobConfig) -> pb::TrainingSpec {
             grad_clip: c.grad_clip,
             micro_batch_size: c.micro_batch_size,
             grad_accum_steps: c.grad_accum_steps,
+            zero_stage: c.zero_stage,
         }),
         checkpoint: Some(pb::CheckpointSpec {
             dir: path(&c.checkpoint_dir),

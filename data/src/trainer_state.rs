@@ -37,6 +37,10 @@ pub struct TrainerState {
     /// resume can tell whether it reads the same data.
     #[serde(default)]
     pub datasets: Vec<String>,
+    /// The ZeRO stage that wrote it (informational: the optimizer state is saved per parameter
+    /// at every stage, so any stage and world size resumes from it).
+    #[serde(default)]
+    pub zero_stage: u8,
 }
 
 impl TrainerState {

@@ -39,29 +39,7 @@ fn train_with(
         run.stdout_text(),
         run.stderr_text()
     );
-    let root = dir.join(name);
-    let latest = std::fs::read_to_string(root.join("latest")).unwrap();
-    let bytes = std::fs::read(root.join(latest.trim()).join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            assert_eq!(view.dtype(), safetensors::Dtype::F32);
-            let values = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            (name, values)
-        })
-        .collect()
-}
-
-fn max_abs_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f32 {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    a.iter()
-        .flat_map(|(k, va)| va.iter().zip(&b[k]).map(|(x, y)| (x - y).abs()))
-        .fold(0.0, f32::max)
+    latest_weights(&dir.join(name))
 }
 
 #[test]
@@ -73,6 +51,23 @@ fn two_workers_equal_one_worker_with_twice_the_micro_batch() {
     let single = train(tmp.path(), "single", 1, 4, 3);
     let diff = max_abs_diff(&ddp, &single);
     assert!(diff <= 1e-5, "2 × b and 1 × 2b differ by {diff}");
+    // AdamW and clipping would hide a constant factor on the gradients (a sum where a mean is
+    // meant): the norms before clipping must agree as well.
+    let (ddp_steps, single_steps) = (
+        step_history(&tmp.path().join("ddp")),
+        step_history(&tmp.path().join("single")),
+    );
+    assert_eq!(ddp_steps.len(), 4);
+    for (a, b) in ddp_steps.iter().zip(&single_steps) {
+        assert!(
+            (a.grad_norm - b.grad_norm).abs() <= 1e-5 * b.grad_norm,
+            "step {}: grad_norm {} with 2 workers, {} with 1",
+            a.step,
+            a.grad_norm,
+            b.grad_norm
+        );
+        assert!((a.loss - b.loss).abs() <= 1e-5 * b.loss, "{a:?} vs {b:?}");
+    }
 
     // The comparison is sensitive: same seed and initial weights, but half the global batch
     // (so other samples per step), ends clearly elsewhere.

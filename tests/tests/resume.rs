@@ -14,6 +14,11 @@ const STEPS: u64 = 60;
 
 /// The tiny job, 60 steps, a checkpoint every 20 (all kept), a line per step.
 fn job(dir: &Path, dtype: Option<&str>) -> PathBuf {
+    job_at_stage(dir, dtype, 0)
+}
+
+/// The same job with `training.zero_stage`.
+fn job_at_stage(dir: &Path, dtype: Option<&str>, zero_stage: u32) -> PathBuf {
     let config = tiny_example(dir);
     let mut text = std::fs::read_to_string(&config)
         .unwrap()
@@ -23,6 +28,12 @@ fn job(dir: &Path, dtype: Option<&str>) -> PathBuf {
         .replace("keep: 2", "keep: 5");
     if let Some(d) = dtype {
         text = text.replace("  keep: 5", &format!("  keep: 5\n  dtype: {d}"));
+    }
+    if zero_stage > 0 {
+        text = text.replace(
+            "training:\n",
+            &format!("training:\n  zero_stage: {zero_stage}\n"),
+        );
     }
     std::fs::write(&config, text).unwrap();
     config
@@ -69,9 +80,13 @@ fn run_to_end(mut launch: Launch) -> (String, String) {
 
 const CHANGED: &str = "is not the data";
 
-fn interrupted_then_resumed(dtype: Option<&str>) {
+fn interrupted_then_resumed(dtype: Option<&str>, zero_stage: u32) {
     let straight_dir = tempfile::tempdir().unwrap();
-    let (straight, _) = run_to_end(Launch::start(&job(straight_dir.path(), dtype)));
+    let (straight, _) = run_to_end(Launch::start(&job_at_stage(
+        straight_dir.path(),
+        dtype,
+        zero_stage,
+    )));
     let final_name = format!("step-{STEPS:08}");
     let reference = state_files(&checkpoints(straight_dir.path()).join(&final_name));
     assert_eq!(
@@ -82,7 +97,7 @@ fn interrupted_then_resumed(dtype: Option<&str>) {
 
     // The same job, SIGKILLed once its first checkpoint is committed.
     let dir = tempfile::tempdir().unwrap();
-    let config = job(dir.path(), dtype);
+    let config = job_at_stage(dir.path(), dtype, zero_stage);
     let mut first = Launch::start(&config);
     let manifest = checkpoints(dir.path()).join("step-00000020/manifest.json");
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -180,13 +195,27 @@ fn interrupted_then_resumed(dtype: Option<&str>) {
 #[test]
 fn a_killed_job_resumes_bit_identical_with_fp32_files() {
     let _serial = serial();
-    interrupted_then_resumed(None);
+    interrupted_then_resumed(None, 0);
 }
 
 #[test]
 fn a_killed_job_resumes_bit_identical_with_bf16_files() {
     let _serial = serial();
-    interrupted_then_resumed(Some("bfloat16"));
+    interrupted_then_resumed(Some("bfloat16"), 0);
+}
+
+/// Sharded AdamW moments are gathered into the same optimizer file and taken apart again on
+/// resume: still bit-identical.
+#[test]
+fn a_killed_zero_stage_1_job_resumes_bit_identical() {
+    let _serial = serial();
+    interrupted_then_resumed(None, 1);
+}
+
+#[test]
+fn a_killed_zero_stage_2_job_with_bf16_files_resumes_bit_identical() {
+    let _serial = serial();
+    interrupted_then_resumed(Some("bfloat16"), 2);
 }
 
 fn refused(config: &Path, args: &[&str]) -> String {

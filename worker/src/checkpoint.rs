@@ -13,9 +13,8 @@
 
 use crate::model::io::{LoadedModel, ModelFiles, SaveOptions};
 use crate::model::DType;
-use crate::optim::AdamW;
+use crate::optim::OptimizerState;
 use ferrotune_data::manifest::{digest_tree, FileDigest, Manifest};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
@@ -45,7 +44,7 @@ pub struct Buffers {
 impl Buffers {
     /// Memory for a snapshot of this model and optimizer, touched now: allocated while the
     /// job loads rather than at its first checkpoint.
-    pub fn like(model: &LoadedModel, optimizer: &AdamW) -> Buffers {
+    pub fn like(model: &LoadedModel, optimizer: &dyn OptimizerState) -> Buffers {
         Buffers {
             params: copy_into(model.named_parameters(), None),
             optimizer: copy_into(optimizer.state_tensors(), None),
@@ -57,7 +56,7 @@ impl Snapshot {
     /// Copies the training state, into `reuse` where it has the same tensors.
     pub fn take(
         model: &LoadedModel,
-        optimizer: &AdamW,
+        optimizer: &dyn OptimizerState,
         state: TrainerState,
         chat_template: Option<&str>,
         reuse: Option<Buffers>,
@@ -404,19 +403,13 @@ pub fn verify(dir: &Path) -> Result<(), RestoreError> {
     Ok(())
 }
 
-fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>, RestoreError> {
-    Tensor::read_safetensors(path)
-        .map(|v| v.into_iter().collect())
-        .map_err(|e| RestoreError::Unreadable(format!("{}: {e}", path.display())))
-}
-
 /// Restores masters and optimizer from `dir` into the freshly loaded `model` and `optimizer`
 /// (the weights came in through the ordinary loader: a checkpoint is a Hugging Face model
 /// directory); returns the saved trainer state, whose cursor the mixture continues from in O(1).
 pub fn restore(
     dir: &Path,
     model: &LoadedModel,
-    optimizer: &mut AdamW,
+    optimizer: &mut dyn OptimizerState,
 ) -> Result<TrainerState, RestoreError> {
     let unreadable = |e: &dyn std::fmt::Display| RestoreError::Unreadable(e.to_string());
     let state_dir = dir.join(TRAINING_STATE);
@@ -431,8 +424,11 @@ pub fn restore(
         );
     }
     let opt_path = state_dir.join(OPTIMIZER_FILE);
-    optimizer
-        .load_state(read_tensors(&opt_path)?, state.optimizer_steps)
-        .map_err(|e| RestoreError::Unreadable(format!("{}: {e}", opt_path.display())))?;
+    // Read where it is mapped: a sharded optimizer copies out only its chunk of each moment.
+    crate::model::io::with_mapped_tensors(&opt_path, |saved| {
+        optimizer.load_state(saved, state.optimizer_steps)
+    })
+    .map_err(|e| unreadable(&e))?
+    .map_err(|e| RestoreError::Unreadable(format!("{}: {e}", opt_path.display())))?;
     Ok(state)
 }

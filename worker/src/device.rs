@@ -143,8 +143,13 @@ pub fn choose(kind: &str, local_rank: usize) -> Result<Device, DeviceError> {
 /// Host memory for a snapshot of `t`: pinned when `t` lives on a GPU, so the copy out of device
 /// memory runs at full bus speed; the same layout and dtype.
 pub fn host_buffer_like(t: &Tensor) -> Tensor {
-    let host = Tensor::empty(t.size(), (t.kind(), Device::Cpu));
-    match t.device() {
+    host_buffer(&t.size(), t.kind(), t.device())
+}
+
+/// Host memory of `size` for copies out of `device` (pinned for a GPU).
+pub fn host_buffer(size: &[i64], kind: tch::Kind, device: Device) -> Tensor {
+    let host = Tensor::empty(size, (kind, Device::Cpu));
+    match device {
         Device::Cuda(i) => host.pin_memory(Device::Cuda(i)),
         _ => host,
     }

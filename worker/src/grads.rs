@@ -13,7 +13,7 @@ use tch::{Kind, Tensor};
 
 pub struct FlatGrads {
     /// Keeps the storage alive; the views below are what everyone uses.
-    _flat: Tensor,
+    flat: Tensor,
     /// One view per parameter, shaped like it, in the optimizer's order.
     views: Vec<Tensor>,
 }
@@ -21,7 +21,13 @@ pub struct FlatGrads {
 impl FlatGrads {
     /// A zeroed buffer with one view per parameter, in order.
     pub fn new(params: &[Tensor]) -> FlatGrads {
-        let total: i64 = params.iter().map(|p| p.numel() as i64).sum();
+        Self::padded(params, params.iter().map(|p| p.numel()).sum())
+    }
+
+    /// The same, in a buffer of `len` elements (at least the parameters'; the rest stays zero):
+    /// ZeRO's chunks are equal.
+    pub fn padded(params: &[Tensor], len: usize) -> FlatGrads {
+        let total = len as i64;
         let device = params.first().map_or(tch::Device::Cpu, |p| p.device());
         let flat = Tensor::zeros([total], (Kind::Float, device));
         let mut offset = 0;
@@ -34,7 +40,12 @@ impl FlatGrads {
                 view
             })
             .collect();
-        FlatGrads { _flat: flat, views }
+        FlatGrads { flat, views }
+    }
+
+    /// The whole buffer, padding included.
+    pub fn flat(&self) -> Tensor {
+        self.flat.shallow_clone()
     }
 
     fn views(&self) -> Vec<Tensor> {
@@ -63,6 +74,25 @@ impl FlatGrads {
             }
         });
         Some(self.views())
+    }
+
+    /// As `adopt`, but a parameter without gradient leaves zeros in its view (ZeRO reduces the
+    /// whole buffer, every parameter included).
+    pub fn adopt_or_fill(&self, params: &[Tensor]) {
+        if self.adopt(params).is_some() {
+            return;
+        }
+        tch::no_grad(|| {
+            for (p, view) in params.iter().zip(&self.views) {
+                let grad = p.grad();
+                let mut view = view.shallow_clone();
+                if grad.defined() {
+                    view.copy_(&grad);
+                } else {
+                    let _ = view.zero_();
+                }
+            }
+        });
     }
 
     /// The compute copy's gradients upcast into the buffer; they are zeroed for the next step.

@@ -21,3 +21,4 @@ pub mod session;
 pub mod spec;
 pub mod storage;
 pub mod train;
+pub mod zero;

@@ -4,6 +4,7 @@
 //! restore exactly: `exp_avg`/`exp_avg_sq` per parameter plus the step count. The update is
 //! torch.optim.AdamW's, operation for operation.
 
+use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone)]
@@ -20,6 +21,16 @@ struct ParamState {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     decay: bool,
+}
+
+/// What a checkpoint saves of an optimizer and restores into it, whatever its sharding.
+pub trait OptimizerState {
+    fn step_count(&self) -> u64;
+    /// The moments per parameter: `exp_avg.<param>` and `exp_avg_sq.<param>`.
+    fn state_tensors(&self) -> Vec<(String, Tensor)>;
+    /// Restores what `state_tensors` saved, and the step count: the next update is the one the
+    /// saved optimizer would have made. Every moment must be there with its parameter's shape.
+    fn load_state(&mut self, saved: HashMap<String, Tensor>, step: u64) -> Result<(), String>;
 }
 
 pub struct AdamW {
@@ -47,10 +58,6 @@ impl AdamW {
             params,
             step: 0,
         }
-    }
-
-    pub fn step_count(&self) -> u64 {
-        self.step
     }
 
     /// One update from the parameters' own gradients.
@@ -89,8 +96,35 @@ impl AdamW {
         });
     }
 
-    /// Optimizer state for a checkpoint: `exp_avg.<param>` and `exp_avg_sq.<param>`.
-    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            p.param.zero_grad();
+        }
+    }
+
+    /// The parameters, in the optimizer's (and the checkpoint's) order.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|p| p.param.shallow_clone())
+            .collect()
+    }
+
+    pub fn gradients(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|p| p.param.grad())
+            .filter(|g| g.defined())
+            .collect()
+    }
+}
+
+impl OptimizerState for AdamW {
+    fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::with_capacity(2 * self.params.len());
         for p in &self.params {
             out.push((format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone()));
@@ -102,13 +136,7 @@ impl AdamW {
         out
     }
 
-    /// Restores what `state_tensors` saved, and the step count: the next update is the one the
-    /// saved optimizer would have made. Every moment must be there with its parameter's shape.
-    pub fn load_state(
-        &mut self,
-        mut saved: std::collections::HashMap<String, Tensor>,
-        step: u64,
-    ) -> Result<(), String> {
+    fn load_state(&mut self, mut saved: HashMap<String, Tensor>, step: u64) -> Result<(), String> {
         for p in &mut self.params {
             for (prefix, moment) in [
                 ("exp_avg", &mut p.exp_avg),
@@ -135,28 +163,6 @@ impl AdamW {
         }
         self.step = step;
         Ok(())
-    }
-
-    pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            p.param.zero_grad();
-        }
-    }
-
-    /// The parameters, in the optimizer's (and the checkpoint's) order.
-    pub fn parameters(&self) -> Vec<Tensor> {
-        self.params
-            .iter()
-            .map(|p| p.param.shallow_clone())
-            .collect()
-    }
-
-    pub fn gradients(&self) -> Vec<Tensor> {
-        self.params
-            .iter()
-            .map(|p| p.param.grad())
-            .filter(|g| g.defined())
-            .collect()
     }
 }
 
@@ -186,11 +192,7 @@ pub fn scale_and_clip(grads: &[Tensor], scale: f64, max_norm: f64) -> f64 {
         }
         let total = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt();
         let norm = total.double_value(&[]) * scale;
-        let coef = if max_norm > 0.0 {
-            (max_norm / (norm + 1e-6)).min(1.0)
-        } else {
-            1.0
-        };
+        let coef = clip_coefficient(norm, max_norm);
         if scale * coef != 1.0 {
             for g in grads {
                 let _ = g.shallow_clone().g_mul_scalar_(scale * coef);
@@ -198,6 +200,15 @@ pub fn scale_and_clip(grads: &[Tensor], scale: f64, max_norm: f64) -> f64 {
         }
         norm
     })
+}
+
+/// What clip_grad_norm_ multiplies gradients of norm `norm` by (1: no clipping).
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
+    }
 }
 
 #[cfg(test)]

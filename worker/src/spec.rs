@@ -65,6 +65,8 @@ pub struct TrainSpec {
     pub grad_clip: f64,
     pub micro_batch_size: usize,
     pub grad_accum_steps: usize,
+    /// How optimizer state and gradients are split across the ranks (zero.rs).
+    pub zero_stage: crate::zero::Stage,
     pub checkpoint_dir: PathBuf,
     pub checkpoint_every_steps: u64,
     /// On-disk dtype of checkpoints; None keeps the base model's (float32 if it names none).

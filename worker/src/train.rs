@@ -1,20 +1,20 @@
 //! The one training loop, top to bottom: evaluate the base model, then per optimizer step
-//! LR → micro-steps (forward, backward) → gradient all-reduce → clip → AdamW → report →
-//! checkpoint; evaluate again; write the final checkpoint.
+//! LR → micro-steps (forward, backward) → reduce gradients, clip, AdamW (at the job's ZeRO
+//! stage: zero.rs) → report → checkpoint; evaluate again; write the final checkpoint.
 //!
 //! Data parallelism lives only here: the model is single-device code, the collective is a trait.
 
 use crate::checkpoint::{self, Snapshot, Staged, TrainerState, WriteJob};
 use crate::collective::{Collective, CollectiveError, ReduceOp};
 use crate::data::{self, DataError, Task};
-use crate::grads::FlatGrads;
 use crate::model::io::{LoadedModel, SaveOptions};
 use crate::model::loss::CHUNK_ELEMENTS;
 use crate::model::Llama;
 use crate::model::{DType, ModelError};
-use crate::optim::{lr_at, scale_and_clip, AdamW, AdamWConfig};
+use crate::optim::{lr_at, AdamWConfig, OptimizerState};
 use crate::precision::{ComputeCopy, Precision};
 use crate::spec::{Placement, TrainSpec};
+use crate::zero::Updater;
 use ferrotune_data::mixture::{rank_slice, Mixture};
 use ferrotune_data::Tokenizer;
 use std::path::PathBuf;
@@ -295,7 +295,9 @@ pub fn run(
         }
     };
 
-    let mut optimizer = AdamW::new(
+    // Gradient reduction, clipping and AdamW at the configured ZeRO stage (zero.rs).
+    let mut updater = Updater::new(
+        spec.zero_stage,
         model.named_parameters(),
         AdamWConfig {
             beta1: spec.beta1,
@@ -303,6 +305,8 @@ pub fn run(
             eps: spec.eps,
             weight_decay: spec.weight_decay,
         },
+        placement.rank,
+        placement.world_size,
     );
     let (start, mut mixture) = match &placement.resume_from {
         None => (
@@ -311,7 +315,7 @@ pub fn run(
                 .map_err(|e| TrainError::Setup(e.to_string()))?,
         ),
         Some(dir) => {
-            let state = checkpoint::restore(dir, &model, &mut optimizer)?;
+            let state = checkpoint::restore(dir, &model, updater.state_mut())?;
             // The bf16 copy was cast from the weights before the masters were restored.
             if let Some(c) = &compute {
                 c.sync();
@@ -321,16 +325,13 @@ pub fn run(
             (state.step, mixture)
         }
     };
-    // Gradients live in one flat buffer that the all-reduce works on in place.
-    let parameters = optimizer.parameters();
-    let flat_grads = FlatGrads::new(&parameters);
     let is_writer = placement.rank == 0;
     let mut writer = checkpoint::Writer::default();
     let periodic =
         spec.checkpoint_every_steps > 0 && spec.checkpoint_every_steps < spec.total_steps;
     if is_writer && periodic {
         // Paid while loading, not as a stall at the first checkpoint.
-        writer.prepare(checkpoint::Buffers::like(&model, &optimizer));
+        writer.prepare(checkpoint::Buffers::like(&model, updater.state()));
     }
     let mut summary = TrainSummary {
         eval_before: None,
@@ -410,28 +411,16 @@ pub fn run(
                 local_loss_sum += net.loss_sum_backward(x, y, packing, 1.0, CHUNK_ELEMENTS);
             }
         }
-        let mut grads = match &compute {
-            Some(c) => flat_grads.upcast_from(c),
-            None => flat_grads.adopt(&parameters).unwrap_or_else(|| {
-                if step == start {
-                    tracing::info!("a parameter has no gradient: gradients are packed per bucket");
-                }
-                optimizer.gradients()
-            }),
-        };
         let mut scalars = [local_loss_sum, counts[0], counts[1]];
-        collective.all_reduce_with_scalars(&mut grads, &mut scalars, ReduceOp::Sum)?;
+        let grad_norm = updater.reduce_and_step(
+            compute.as_ref(),
+            &mut scalars,
+            lr,
+            spec.grad_clip,
+            collective,
+        )?;
         let [loss_sum, label_tokens, input_tokens] = scalars;
         let global_tokens = label_tokens.max(1.0);
-        let grad_norm = scale_and_clip(&grads, 1.0 / global_tokens, spec.grad_clip);
-        match &compute {
-            Some(c) => {
-                optimizer.step_with(lr, &grads);
-                c.sync();
-            }
-            None => optimizer.step(lr),
-        }
-        optimizer.zero_grad();
 
         let stats = StepStats {
             step: step + 1,
@@ -453,13 +442,16 @@ pub fn run(
         reporter.phase(TrainPhase::Training);
 
         let done = step + 1;
-        if is_writer
-            && spec.checkpoint_every_steps > 0
+        let checkpoint_now = spec.checkpoint_every_steps > 0
             && done.is_multiple_of(spec.checkpoint_every_steps)
-            && done < spec.total_steps
-        {
+            && done < spec.total_steps;
+        if checkpoint_now {
+            // Sharded optimizer state comes to rank 0 (every rank takes part).
+            updater.gather_state(collective)?;
+        }
+        if is_writer && checkpoint_now {
             // The training thread only copies the state; a background thread writes it.
-            let state = (&model, &optimizer, &mixture);
+            let state = (&model, updater.state(), &mixture);
             hand_over(
                 &mut writer,
                 reporter,
@@ -484,8 +476,9 @@ pub fn run(
         }
     }
     answer("after");
+    updater.gather_state(collective)?;
     if is_writer {
-        let state = (&model, &optimizer, &mixture);
+        let state = (&model, updater.state(), &mixture);
         let end = (spec.total_steps, lr);
         hand_over(
             &mut writer,
@@ -512,7 +505,7 @@ fn hand_over(
     reporter: &dyn Reporter,
     spec: &TrainSpec,
     placement: &Placement,
-    (model, optimizer, mixture): (&LoadedModel, &AdamW, &Mixture),
+    (model, optimizer, mixture): (&LoadedModel, &dyn OptimizerState, &Mixture),
     datasets: &[String],
     (step, lr): (u64, f64),
     is_final: bool,
@@ -530,6 +523,7 @@ fn hand_over(
             * spec.grad_accum_steps,
         seq_len: spec.seq_len,
         optimizer_steps: optimizer.step_count(),
+        zero_stage: spec.zero_stage as u8,
         lr,
         min_lr: spec.min_lr,
         warmup_steps: spec.warmup_steps,

@@ -73,6 +73,8 @@ struct TrainingSection {
     grad_clip: Spanned<f64>,
     #[serde(default = "defaults::one")]
     log_every_steps: Spanned<u32>,
+    #[serde(default)]
+    zero_stage: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +178,9 @@ pub struct JobConfig {
     pub activation_checkpointing: bool,
     /// "fp32", or "bf16": bf16 compute weights with fp32 master weights and optimizer state.
     pub precision: String,
+    /// 0: every rank keeps the whole optimizer state; 1: each keeps its 1/world_size shard of
+    /// the AdamW moments; 2: gradients are reduce-scattered as well (worker/src/zero.rs).
+    pub zero_stage: u32,
     /// Set by `launch --resume`, not by cluster.yaml: the committed checkpoint to continue.
     pub resume: Option<Resume>,
     /// The resume was chosen by `cluster.resume: auto` (a restarted coordinator): the job's
@@ -409,6 +414,19 @@ impl Checks<'_> {
         }
         let eps = self.finite_at_least(&t.eps, "training.eps", 0.0, true);
         let grad_clip = self.finite_at_least(&t.grad_clip, "training.grad_clip", 0.0, false);
+        let zero_stage = match &t.zero_stage {
+            None => 0,
+            Some(z) if z.value <= 2 => z.value,
+            Some(z) => {
+                self.push(
+                    z,
+                    "training.zero_stage",
+                    format!("zero_stage must be 0, 1 or 2, got {}", z.value),
+                    "0 keeps the whole optimizer state on every rank; 1 shards the AdamW moments across ranks; 2 also reduce-scatters the gradients",
+                );
+                0
+            }
+        };
 
         let checkpoint_keep = self.positive_u32(&f.checkpoint.keep, "checkpoint.keep");
         let lease_timeout_s =
@@ -502,6 +520,7 @@ impl Checks<'_> {
             checkpoint_max_shard_bytes,
             activation_checkpointing: f.model.activation_checkpointing,
             precision,
+            zero_stage,
             resume: None,
             resume_keeps_restarts: false,
             observe,

@@ -294,6 +294,19 @@ fn precision_is_fp32_by_default_and_checked() {
     assert!(issues[0].message.contains("unknown precision `fp8`"));
 }
 
+#[test]
+fn zero_stage_is_0_by_default_and_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixture(tmp.path());
+    assert_eq!(parse(&base, tmp.path()).unwrap().zero_stage, 0);
+    let two = base.replace("  steps: 5\n", "  steps: 5\n  zero_stage: 2\n");
+    assert_eq!(parse(&two, tmp.path()).unwrap().zero_stage, 2);
+    let bad = base.replace("  steps: 5\n", "  steps: 5\n  zero_stage: 3\n");
+    let issues = issues_for(&bad, tmp.path());
+    assert_eq!(issues[0].field, "training.zero_stage");
+    assert!(issues[0].message.contains("must be 0, 1 or 2, got 3"));
+}
+
 fn with_cluster(dir: &Path, cluster_lines: &str) -> String {
     fixture(dir).replace(
         "cluster:\n  launcher: local\n  world_size: 2\n",

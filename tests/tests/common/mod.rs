@@ -364,3 +364,58 @@ pub fn assert_valid_plots(dir: &Path) {
     let png = image::open(dir.join("loss.png")).expect("loss.png decodes");
     assert_eq!((png.width(), png.height()), (1000, 680));
 }
+
+/// The fp32 weights of the newest checkpoint under `root` (its `latest` pointer), by name.
+pub fn latest_weights(root: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let latest = std::fs::read_to_string(root.join("latest")).unwrap();
+    let bytes = std::fs::read(root.join(latest.trim()).join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32);
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name, values)
+        })
+        .collect()
+}
+
+/// The largest |a - b| over all weights of two checkpoints of the same model.
+pub fn max_abs_diff(
+    a: &std::collections::BTreeMap<String, Vec<f32>>,
+    b: &std::collections::BTreeMap<String, Vec<f32>>,
+) -> f32 {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .flat_map(|(k, va)| va.iter().zip(&b[k]).map(|(x, y)| (x - y).abs()))
+        .fold(0.0, f32::max)
+}
+
+/// One step of a job's history at full precision (`coordinator status --json`).
+#[derive(Debug, Clone, Copy)]
+pub struct StepRecord {
+    pub step: u64,
+    pub loss: f64,
+    pub grad_norm: f64,
+}
+
+/// The step history of the job whose checkpoints are under `root`.
+pub fn step_history(root: &Path) -> Vec<StepRecord> {
+    let mut cmd = Command::new(bin("coordinator"));
+    cmd.arg("status").arg(root).arg("--json");
+    let status: serde_json::Value = serde_json::from_str(&stdout_of(&mut cmd)).unwrap();
+    status["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| StepRecord {
+            step: p["step"].as_u64().unwrap(),
+            loss: p["loss"].as_f64().unwrap(),
+            grad_norm: p["grad_norm"].as_f64().unwrap(),
+        })
+        .collect()
+}

@@ -94,11 +94,18 @@ pub trait Collective: Send {
         op: ReduceOp,
     ) -> Result<(), CollectiveError>;
 
-    /// `output` (world_size equal chunks) becomes every rank's `input` in rank order.
+    /// `output` (world_size equal chunks) becomes every rank's `input` in rank order. `input`
+    /// may be `output`'s own chunk of this rank (in place, as NCCL allows).
     fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<(), CollectiveError>;
 
     /// Every rank's `tensor` becomes `root`'s.
     fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<(), CollectiveError>;
+
+    /// Bytes this rank has sent since the group formed, where the backend counts them (the
+    /// ring does); 0 otherwise.
+    fn bytes_sent(&self) -> u64 {
+        0
+    }
 }
 
 /// Checks that `whole` is `parts` chunks of `one`'s size (the equal chunks NCCL requires too).

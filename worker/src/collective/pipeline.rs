@@ -14,7 +14,7 @@ use super::CollectiveError;
 use bytemuck::Pod;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -74,6 +74,8 @@ pub struct Sender {
     /// Set by the sender thread when a write fails, before any fence reports it.
     failed: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Bytes queued for sending since the ring started (what ZeRO's traffic figures count).
+    queued_bytes: AtomicU64,
 }
 
 impl Sender {
@@ -92,10 +94,19 @@ impl Sender {
             stream,
             failed,
             thread: Some(thread),
+            queued_bytes: AtomicU64::new(0),
         })
     }
 
+    pub fn bytes_sent(&self) -> u64 {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
     fn queue(&self, job: Job) -> bool {
+        if let Job::Send(segment) = &job {
+            self.queued_bytes
+                .fetch_add(segment.len as u64, Ordering::Relaxed);
+        }
         self.jobs.as_ref().is_some_and(|j| j.send(job).is_ok())
     }
 

@@ -357,6 +357,10 @@ impl Collective for Ring {
         self.world_size
     }
 
+    fn bytes_sent(&self) -> u64 {
+        self.link.as_ref().map_or(0, |l| l.sender.bytes_sent())
+    }
+
     fn all_reduce(&mut self, tensors: &mut [Tensor], op: ReduceOp) -> Result<(), CollectiveError> {
         flat::check_tensors(tensors)?;
         if self.world_size == 1 && op == ReduceOp::Sum {
@@ -412,9 +416,10 @@ impl Collective for Ring {
         check_chunks(output, input, self.world_size)?;
         flat::check_tensors(std::slice::from_ref(input))?;
         let (w, rank) = (self.world_size, self.rank);
+        // Packed before `output` is borrowed: `input` may be output's own chunk (in place).
+        flat::pack(std::slice::from_ref(input), &mut self.bucket);
         let buf = one_slice(output)?;
         let k = buf.len() / w;
-        flat::pack(std::slice::from_ref(input), &mut self.bucket);
         buf[rank * k..(rank + 1) * k].copy_from_slice(&self.bucket);
         self.run_phases(buf, Phases::AllGather)
     }

@@ -138,6 +138,42 @@ fn mapped_tensor(data: &[u8], shape: &[i64], dtype: DType) -> Result<Tensor, tch
     unsafe { Tensor::f_from_blob(data.as_ptr(), shape, &strides, dtype.kind(), Device::Cpu) }
 }
 
+/// Calls `f` with every tensor of the safetensors file `path`, mapped rather than read (a
+/// reader that needs only part of each, such as one rank's chunk of an optimizer moment, never
+/// copies the rest); the tensors must not outlive `f`.
+pub(crate) fn with_mapped_tensors<R>(
+    path: &Path,
+    f: impl FnOnce(HashMap<String, Tensor>) -> R,
+) -> Result<R, ModelError> {
+    let handle = std::fs::File::open(path).map_err(|source| ModelError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    // SAFETY: read-only, and unmapped when this function returns; by this function's contract
+    // `f` copies out of the tensors and returns none of them (its callers return a Result of
+    // plain data). Checkpoints are never rewritten in place.
+    let mmap = unsafe { memmap2::Mmap::map(&handle) }.map_err(|source| ModelError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&mmap)
+        .map_err(|e| weights_err(path, format!("not a valid safetensors file: {e}")))?;
+    let mut tensors = HashMap::new();
+    for (name, view) in st.iter() {
+        let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| {
+            weights_err(
+                path,
+                format!("tensor `{name}` is stored as {:?}", view.dtype()),
+            )
+        })?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let tensor = mapped_tensor(view.data(), &shape, dtype)
+            .map_err(|e| weights_err(path, format!("tensor `{name}`: {e}")))?;
+        tensors.insert(name.to_string(), tensor);
+    }
+    Ok(f(tensors))
+}
+
 /// Names that checkpoints carry but the model recomputes or shares: skipped on load.
 fn ignorable(name: &str, config: &ModelConfig) -> bool {
     name.ends_with(".rotary_emb.inv_freq")

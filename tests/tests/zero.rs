@@ -1,0 +1,148 @@
+//! `training.zero_stage` through the real launcher and workers: stages 1 and 2 train as stage 0
+//! does (weights, and the loss and gradient norm of every step, with clipping active) on 2 and
+//! 3 workers; a 3-worker stage-1 checkpoint continues on 2 workers as the 3-worker run did.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Clipping at this norm is active at every step of these jobs (checked).
+const CLIP: f64 = 0.05;
+
+struct Job<'a> {
+    name: &'a str,
+    world: u32,
+    stage: u32,
+    grad_accum: u32,
+    steps: u64,
+    every: u64,
+}
+
+fn write_job(dir: &Path, job: &Job) -> PathBuf {
+    let path = dir.join(format!("{}.yaml", job.name));
+    let text = random_model_job(job.world, 2, 5, job.steps, 1.0e-2, job.name)
+        .replace(
+            "  grad_clip: 1.0\n",
+            &format!(
+                "  grad_clip: {CLIP}\n  zero_stage: {}\n  grad_accum_steps: {}\n",
+                job.stage, job.grad_accum
+            ),
+        )
+        .replace("  grad_accum_steps: 2\n  lr", "  lr")
+        .replace(
+            &format!("  dir: {}\n", job.name),
+            &format!(
+                "  dir: {}\n  every_steps: {}\n  keep: 10\n",
+                job.name, job.every
+            ),
+        );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(config: &Path, args: &[&str]) -> String {
+    let mut launch = Launch::start_with(config, args);
+    let status = launch.wait(Duration::from_secs(180));
+    let out = launch.stdout_text();
+    assert!(status.success(), "{out}\n{}", launch.stderr_text());
+    out
+}
+
+fn assert_same_steps(want: &[StepRecord], have: &[StepRecord], what: &str) {
+    assert_eq!(want.len(), have.len(), "{what}");
+    for (a, b) in want.iter().zip(have) {
+        assert_eq!(a.step, b.step, "{what}");
+        let close = |x: f64, y: f64| (x - y).abs() <= 1e-5 * y.abs().max(1.0);
+        assert!(
+            close(b.loss, a.loss) && close(b.grad_norm, a.grad_norm),
+            "{what}: step {} loss {} grad_norm {}, expected {} and {}",
+            a.step,
+            b.loss,
+            b.grad_norm,
+            a.loss,
+            a.grad_norm
+        );
+    }
+}
+
+#[test]
+fn stages_1_and_2_train_as_stage_0_on_2_and_3_workers() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    small_random_model(tmp.path());
+    for world in [2, 3] {
+        let job = |stage, name| Job {
+            name,
+            world,
+            stage,
+            grad_accum: 2,
+            steps: 6,
+            every: 0,
+        };
+        let names = [
+            format!("w{world}-stage0"),
+            format!("w{world}-stage1"),
+            format!("w{world}-stage2"),
+        ];
+        for (stage, name) in names.iter().enumerate() {
+            run(&write_job(tmp.path(), &job(stage as u32, name)), &[]);
+        }
+        let root = |name: &str| tmp.path().join(name);
+        let reference = step_history(&root(&names[0]));
+        assert_eq!(reference.len(), 6);
+        assert!(
+            reference.iter().all(|s| s.grad_norm > 2.0 * CLIP),
+            "clipping is active at every step: {reference:?}"
+        );
+        let weights = latest_weights(&root(&names[0]));
+        for name in &names[1..] {
+            assert_same_steps(&reference, &step_history(&root(name)), name);
+            let diff = max_abs_diff(&weights, &latest_weights(&root(name)));
+            eprintln!("{name}: max |w - w(stage 0)| = {diff:e}");
+            assert!(
+                diff <= 1e-5,
+                "{name}: weights differ from stage 0's by {diff}"
+            );
+        }
+    }
+}
+
+/// The elastic "shrink" path: the optimizer state saved by 3 ranks is re-sharded over 2, the
+/// global batch kept (2 × 2 × 3 = 3 × 2 × 2 sequences), and training goes on as it would have.
+#[test]
+fn a_stage_1_checkpoint_of_3_workers_continues_on_2() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    small_random_model(tmp.path());
+    let three = Job {
+        name: "three",
+        world: 3,
+        stage: 1,
+        grad_accum: 2,
+        steps: 6,
+        every: 3,
+    };
+    run(&write_job(tmp.path(), &three), &[]);
+    let two = Job {
+        name: "two",
+        world: 2,
+        grad_accum: 3,
+        ..three
+    };
+    let from = tmp.path().join("three/step-00000003");
+    let out = run(
+        &write_job(tmp.path(), &two),
+        &["--resume", from.to_str().unwrap()],
+    );
+    assert!(out.contains("resuming from"), "{out}");
+    let straight = step_history(&tmp.path().join("three"));
+    let resumed = step_history(&tmp.path().join("two"));
+    assert_eq!(resumed.first().map(|s| s.step), Some(4), "{resumed:?}");
+    assert_same_steps(&straight[3..], &resumed, "3 workers resumed on 2");
+    let diff = max_abs_diff(
+        &latest_weights(&tmp.path().join("three")),
+        &latest_weights(&tmp.path().join("two")),
+    );
+    assert!(diff <= 1e-5, "the resumed run ends {diff} away");
+}
