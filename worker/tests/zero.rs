@@ -35,7 +35,12 @@ struct Input {
     targets: Vec<Tensor>,
 }
 
+/// libtorch's generator is process-global and the tests run in parallel: draws are serialised,
+/// or two tests seeding at once would interleave their draws.
+static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn inputs(world: usize) -> Vec<Input> {
+    let _draws = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(7);
     let start: Vec<Tensor> = shapes()
         .iter()

@@ -416,11 +416,16 @@ impl Collective for Ring {
         check_chunks(output, input, self.world_size)?;
         flat::check_tensors(std::slice::from_ref(input))?;
         let (w, rank) = (self.world_size, self.rank);
-        // Packed before `output` is borrowed: `input` may be output's own chunk (in place).
-        flat::pack(std::slice::from_ref(input), &mut self.bucket);
+        let k = output.numel() / w;
+        let mine = output.reshape([-1]).narrow(0, (rank * k) as i64, k as i64);
+        // In place (`input` is output's own chunk, as ZeRO's parameters are) nothing moves;
+        // otherwise libtorch copies it over: no bucket-sized staging buffer either way (at a
+        // 7B model's chunk that would be gigabytes kept for the ring's life).
+        if input.data_ptr() != mine.data_ptr() {
+            tch::no_grad(|| mine.shallow_clone().f_copy_(&input.reshape([-1])))
+                .map_err(|e| CollectiveError::Setup(format!("all-gather input: {e}")))?;
+        }
         let buf = one_slice(output)?;
-        let k = buf.len() / w;
-        buf[rank * k..(rank + 1) * k].copy_from_slice(&self.bucket);
         self.run_phases(buf, Phases::AllGather)
     }
 
