@@ -202,8 +202,17 @@ pub fn estimate(shape: &Shape, s: &Settings) -> (WorkerPlan, WorkerPlan) {
             place: dev,
         })
     };
-    if s.bf16 {
+    let w = s.world_size.max(1);
+    if s.bf16 && s.zero_stage > 0 {
+        term(
+            "master weights",
+            (4 * p).div_ceil(w),
+            format!("fp32, this rank's 1/{w} chunk"),
+        );
+    } else if s.bf16 {
         term("master weights", 4 * p, "fp32".into());
+    }
+    if s.bf16 {
         term("compute copy", 2 * p, "bf16".into());
         term(
             "gradients",
@@ -214,7 +223,6 @@ pub fn estimate(shape: &Shape, s: &Settings) -> (WorkerPlan, WorkerPlan) {
         term("weights", 4 * p, "fp32".into());
         term("gradients", 4 * p, "fp32, one flat buffer".into());
     }
-    let w = s.world_size.max(1);
     if s.zero_stage == 0 {
         term("optimizer state", 8 * p, "AdamW: two fp32 moments".into());
     } else {
@@ -286,15 +294,20 @@ pub fn estimate(shape: &Shape, s: &Settings) -> (WorkerPlan, WorkerPlan) {
         peak_bytes: state + activations,
         runtime_bytes,
     };
-    // At zero_stage 1 and 2 rank 0 also keeps the moments it gathers for the checkpoint.
-    let gathered = if s.zero_stage > 0 { 8 * p } else { 0 };
+    // At zero_stage 1 and 2 rank 0 also keeps the moments (and bf16's masters) it gathers for
+    // the checkpoint.
+    let gathered = match (s.zero_stage, s.bf16) {
+        (0, _) => 0,
+        (_, false) => 8 * p,
+        (_, true) => 12 * p,
+    };
     let snapshot = 12 * p + gathered;
     let mut writer_terms = common;
     writer_terms.push(Term {
         name: "checkpoint snapshot",
         bytes: snapshot,
         detail: if gathered > 0 {
-            "rank 0: fp32 weights and moments copied for the background write, and the moments gathered from every rank".into()
+            "rank 0: fp32 weights and moments copied for the background write, and the chunks gathered from every rank".into()
         } else {
             "rank 0: fp32 weights and moments copied for the background write".into()
         },

@@ -175,21 +175,35 @@ fn the_estimate_is_within_a_quarter_of_the_measured_peak() {
 }
 
 /// ZeRO on the ~30M bench model with 2 workers: the measured peak of rank 1 (rank 0 also keeps
-/// the moments it gathers for checkpoints) drops from stage 0 by at least what the plan
-/// predicts less 10 %: half the AdamW moments at stage 1, less the reduced gradient's chunk at
-/// stage 2.
+/// what it gathers for checkpoints) drops from stage 0 by at least what the plan predicts less
+/// 10 %: half the AdamW moments at stage 1 (and half the fp32 masters under bf16), less the
+/// reduced gradient's chunk at stage 2.
 #[test]
 fn zero_stages_lower_the_measured_peak_as_predicted() {
     let _serial = serial();
+    let runs = [
+        ("fp32", 0),
+        ("fp32", 1),
+        ("fp32", 2),
+        ("bf16", 0),
+        ("bf16", 1),
+    ];
     let mut figures = Vec::new();
-    for stage in 0..3 {
+    for (precision, stage) in runs {
         let dir = tempfile::tempdir().unwrap();
         let config = shaped_job(dir.path(), bench_shape(), 4, 256);
         edit_config(
             &config,
             &[
                 ("world_size: 1", "world_size: 2"),
-                ("  steps: 3\n", &format!("  steps: 3\n  zero_stage: {stage}\n")),
+                (
+                    "  init: random\n",
+                    &format!("  init: random\n  precision: {precision}\n"),
+                ),
+                (
+                    "  steps: 3\n",
+                    &format!("  steps: 3\n  zero_stage: {stage}\n"),
+                ),
             ],
         );
         let (_, predicted) = estimated(&config);
@@ -199,24 +213,30 @@ fn zero_stages_lower_the_measured_peak_as_predicted() {
             .expect("rank 1 reported its memory")
             .1;
         eprintln!(
-            "zero_stage {stage}: rank 1 measured {:.1} MB, estimated {:.1} MB",
+            "{precision} zero_stage {stage}: rank 1 measured {:.1} MB, estimated {:.1} MB",
             rank1 / 1e6,
             predicted / 1e6
         );
-        figures.push((predicted, rank1));
+        figures.push((precision, stage, predicted, rank1));
     }
-    let (plain_predicted, plain_measured) = figures[0];
-    for (stage, (predicted, measured)) in figures.iter().enumerate().skip(1) {
+    for &(precision, stage, predicted, measured) in &figures {
+        let Some(&(_, _, plain_predicted, plain_measured)) = figures
+            .iter()
+            .find(|f| f.0 == precision && f.1 == 0)
+            .filter(|_| stage > 0)
+        else {
+            continue;
+        };
         let (want, got) = (plain_predicted - predicted, plain_measured - measured);
         eprintln!(
-            "zero_stage {stage} saves {:.1} MB on rank 1 (predicted {:.1} MB)",
+            "{precision} zero_stage {stage} saves {:.1} MB on rank 1 (predicted {:.1} MB)",
             got / 1e6,
             want / 1e6
         );
         assert!(want > 50e6, "the plan predicts a saving at stage {stage}");
         assert!(
             got >= 0.9 * want,
-            "zero_stage {stage} saved {got} bytes, predicted {want}"
+            "{precision} zero_stage {stage} saved {got} bytes, predicted {want}"
         );
     }
 }

@@ -14,6 +14,7 @@ struct Job<'a> {
     name: &'a str,
     world: u32,
     stage: u32,
+    precision: &'a str,
     grad_accum: u32,
     steps: u64,
     every: u64,
@@ -30,6 +31,10 @@ fn write_job(dir: &Path, job: &Job) -> PathBuf {
             ),
         )
         .replace("  grad_accum_steps: 2\n  lr", "  lr")
+        .replace(
+            "  init: random\n",
+            &format!("  init: random\n  precision: {}\n", job.precision),
+        )
         .replace(
             &format!("  dir: {}\n", job.name),
             &format!(
@@ -49,11 +54,24 @@ fn run(config: &Path, args: &[&str]) -> String {
     out
 }
 
-fn assert_same_steps(want: &[StepRecord], have: &[StepRecord], what: &str) {
+/// Per step, within `tolerance(step)` relative.
+fn assert_same_steps(
+    want: &[StepRecord],
+    have: &[StepRecord],
+    what: &str,
+    tolerance: impl Fn(u64) -> f64,
+) {
     assert_eq!(want.len(), have.len(), "{what}");
+    let relative = |x: f64, y: f64| ((x - y) / y).abs();
+    let worst = want
+        .iter()
+        .zip(have)
+        .map(|(a, b)| relative(b.loss, a.loss).max(relative(b.grad_norm, a.grad_norm)))
+        .fold(0.0, f64::max);
+    eprintln!("{what}: loss and grad_norm within {worst:e} (relative)");
     for (a, b) in want.iter().zip(have) {
         assert_eq!(a.step, b.step, "{what}");
-        let close = |x: f64, y: f64| (x - y).abs() <= 1e-5 * y.abs().max(1.0);
+        let close = |x: f64, y: f64| (x - y).abs() <= tolerance(a.step) * y.abs().max(1.0);
         assert!(
             close(b.loss, a.loss) && close(b.grad_norm, a.grad_norm),
             "{what}: step {} loss {} grad_norm {}, expected {} and {}",
@@ -71,20 +89,18 @@ fn stages_1_and_2_train_as_stage_0_on_2_and_3_workers() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     small_random_model(tmp.path());
-    for world in [2, 3] {
+    // bf16 compute: the fp32 masters are sharded too, the bf16 weights all-gathered.
+    for (world, precision) in [(2, "fp32"), (3, "fp32"), (2, "bf16")] {
         let job = |stage, name| Job {
             name,
             world,
             stage,
+            precision,
             grad_accum: 2,
             steps: 6,
             every: 0,
         };
-        let names = [
-            format!("w{world}-stage0"),
-            format!("w{world}-stage1"),
-            format!("w{world}-stage2"),
-        ];
+        let names = [0, 1, 2].map(|stage| format!("{precision}-w{world}-stage{stage}"));
         for (stage, name) in names.iter().enumerate() {
             run(&write_job(tmp.path(), &job(stage as u32, name)), &[]);
         }
@@ -96,12 +112,21 @@ fn stages_1_and_2_train_as_stage_0_on_2_and_3_workers() {
             "clipping is active at every step: {reference:?}"
         );
         let weights = latest_weights(&root(&names[0]));
+        // Under bf16 the clipping norm's summation order (the only difference) rounds a few
+        // compute weights the other way after the first update, and the steps after it
+        // amplify that (measured: 2e-8 at step 2, 1e-5 at 3, 2e-3 at 5): the first two steps
+        // are compared tightly (a chunk updated wrongly or not gathered shows at step 2), the
+        // rest loosely.
+        let bf16 = precision == "bf16";
+        let tolerance = |step: u64| if bf16 && step > 2 { 1e-2 } else { 1e-5 };
         for name in &names[1..] {
-            assert_same_steps(&reference, &step_history(&root(name)), name);
+            assert_same_steps(&reference, &step_history(&root(name)), name, tolerance);
             let diff = max_abs_diff(&weights, &latest_weights(&root(name)));
             eprintln!("{name}: max |w - w(stage 0)| = {diff:e}");
+            // (Under bf16 a weight whose tiny gradient changed sign is up to lr per step
+            // away; the step checks above carry the comparison there.)
             assert!(
-                diff <= 1e-5,
+                bf16 || diff <= 1e-5,
                 "{name}: weights differ from stage 0's by {diff}"
             );
         }
@@ -119,6 +144,7 @@ fn a_stage_1_checkpoint_of_3_workers_continues_on_2() {
         name: "three",
         world: 3,
         stage: 1,
+        precision: "fp32",
         grad_accum: 2,
         steps: 6,
         every: 3,
@@ -139,7 +165,7 @@ fn a_stage_1_checkpoint_of_3_workers_continues_on_2() {
     let straight = step_history(&tmp.path().join("three"));
     let resumed = step_history(&tmp.path().join("two"));
     assert_eq!(resumed.first().map(|s| s.step), Some(4), "{resumed:?}");
-    assert_same_steps(&straight[3..], &resumed, "3 workers resumed on 2");
+    assert_same_steps(&straight[3..], &resumed, "3 workers resumed on 2", |_| 1e-5);
     let diff = max_abs_diff(
         &latest_weights(&tmp.path().join("three")),
         &latest_weights(&tmp.path().join("two")),

@@ -46,7 +46,7 @@ impl Buffers {
     /// job loads rather than at its first checkpoint.
     pub fn like(model: &LoadedModel, optimizer: &dyn OptimizerState) -> Buffers {
         Buffers {
-            params: copy_into(model.named_parameters(), None),
+            params: copy_into(weights_of(model, optimizer), None),
             optimizer: copy_into(optimizer.state_tensors(), None),
         }
     }
@@ -65,13 +65,13 @@ impl Snapshot {
             Some(b) => (Some(b.params), Some(b.optimizer)),
             None => (None, None),
         };
-        let optimizer = copy_into(optimizer.state_tensors(), moments);
+        let params = copy_into(weights_of(model, optimizer), params);
         Snapshot {
             model: ModelFiles {
                 config: model.config.clone(),
-                params: copy_into(model.named_parameters(), params),
+                params,
             },
-            optimizer,
+            optimizer: copy_into(optimizer.state_tensors(), moments),
             state,
             chat_template: chat_template.map(String::from),
         }
@@ -83,6 +83,14 @@ impl Snapshot {
             optimizer: self.optimizer,
         }
     }
+}
+
+/// The fp32 weights a checkpoint saves: the model's, or the masters a sharded optimizer
+/// gathered (under bf16 no rank keeps the whole masters in the model).
+fn weights_of(model: &LoadedModel, optimizer: &dyn OptimizerState) -> Vec<(String, Tensor)> {
+    optimizer
+        .master_weights()
+        .unwrap_or_else(|| model.named_parameters())
 }
 
 /// Copies of `live`, written into `reuse` when it holds the same names and shapes.
@@ -403,18 +411,14 @@ pub fn verify(dir: &Path) -> Result<(), RestoreError> {
     Ok(())
 }
 
-/// Restores masters and optimizer from `dir` into the freshly loaded `model` and `optimizer`
-/// (the weights came in through the ordinary loader: a checkpoint is a Hugging Face model
-/// directory); returns the saved trainer state, whose cursor the mixture continues from in O(1).
-pub fn restore(
-    dir: &Path,
-    model: &LoadedModel,
-    optimizer: &mut dyn OptimizerState,
-) -> Result<TrainerState, RestoreError> {
+/// Restores from `dir` what the freshly loaded `model` (a checkpoint is a Hugging Face model
+/// directory, loaded by the ordinary loader) lacks: the fp32 masters, when the model files are
+/// narrower. Returns the saved trainer state, whose cursor the mixture continues from in O(1).
+/// Before anything is built on the weights (compute copy, optimizer shards).
+pub fn restore_weights(dir: &Path, model: &LoadedModel) -> Result<TrainerState, RestoreError> {
     let unreadable = |e: &dyn std::fmt::Display| RestoreError::Unreadable(e.to_string());
-    let state_dir = dir.join(TRAINING_STATE);
     let state = TrainerState::read(dir).map_err(|e| unreadable(&e))?;
-    let masters = state_dir.join(MASTERS_FILE);
+    let masters = dir.join(TRAINING_STATE).join(MASTERS_FILE);
     if masters.is_file() {
         model.overwrite_from(&masters).map_err(|e| unreadable(&e))?;
     } else if let Some(narrow) = model.config.dtype.filter(|d| *d != DType::F32) {
@@ -423,12 +427,21 @@ pub fn restore(
             dir.display()
         );
     }
-    let opt_path = state_dir.join(OPTIMIZER_FILE);
+    Ok(state)
+}
+
+/// Restores the AdamW moments and step count of `state` from `dir` into `optimizer` (each
+/// rank of a sharded one takes its chunk).
+pub fn restore_optimizer(
+    dir: &Path,
+    state: &TrainerState,
+    optimizer: &mut dyn OptimizerState,
+) -> Result<(), RestoreError> {
+    let opt_path = dir.join(TRAINING_STATE).join(OPTIMIZER_FILE);
     // Read where it is mapped: a sharded optimizer copies out only its chunk of each moment.
     crate::model::io::with_mapped_tensors(&opt_path, |saved| {
         optimizer.load_state(saved, state.optimizer_steps)
     })
-    .map_err(|e| unreadable(&e))?
-    .map_err(|e| RestoreError::Unreadable(format!("{}: {e}", opt_path.display())))?;
-    Ok(state)
+    .map_err(|e| RestoreError::Unreadable(e.to_string()))?
+    .map_err(|e| RestoreError::Unreadable(format!("{}: {e}", opt_path.display())))
 }

@@ -43,6 +43,10 @@ impl FlatGrads {
         FlatGrads { flat, views }
     }
 
+    pub fn device(&self) -> tch::Device {
+        self.flat.device()
+    }
+
     /// The whole buffer, padding included.
     pub fn flat(&self) -> Tensor {
         self.flat.shallow_clone()

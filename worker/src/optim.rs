@@ -31,6 +31,11 @@ pub trait OptimizerState {
     /// Restores what `state_tensors` saved, and the step count: the next update is the one the
     /// saved optimizer would have made. Every moment must be there with its parameter's shape.
     fn load_state(&mut self, saved: HashMap<String, Tensor>, step: u64) -> Result<(), String>;
+    /// The fp32 weights to checkpoint when the optimizer holds them instead of the model (ZeRO
+    /// under bf16, on rank 0 after gathering); None: the model's own parameters.
+    fn master_weights(&self) -> Option<Vec<(String, Tensor)>> {
+        None
+    }
 }
 
 pub struct AdamW {

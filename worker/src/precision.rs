@@ -58,6 +58,11 @@ impl ComputeCopy {
         copy
     }
 
+    /// The compute weights' dtype.
+    pub fn kind(&self) -> Kind {
+        self.pairs.first().map_or(Kind::BFloat16, |(_, c)| c.kind())
+    }
+
     /// The compute weights, in the masters' (and optimizer's) order.
     pub fn model_parameters(&self) -> Vec<Tensor> {
         self.pairs.iter().map(|(_, c)| c.shallow_clone()).collect()

@@ -239,12 +239,17 @@ pub fn run(
     // A resumed job loads the checkpoint, a Hugging Face model directory like any other.
     reporter.phase(TrainPhase::Loading);
     crate::memory::mark_baseline();
-    let model = match &placement.resume_from {
+    let (model, resumed) = match &placement.resume_from {
         Some(dir) => {
             checkpoint::verify(dir)?;
-            LoadedModel::load(dir, false, device)?
+            let model = LoadedModel::load(dir, false, device)?;
+            let state = checkpoint::restore_weights(dir, &model)?;
+            (model, Some((dir, state)))
         }
-        None => LoadedModel::load(&spec.model_path, spec.random_init, device)?,
+        None => (
+            LoadedModel::load(&spec.model_path, spec.random_init, device)?,
+            None,
+        ),
     };
     check_same_start(&model, collective)?;
     let tokenizer = Tokenizer::from_model_dir(&spec.model_path)?;
@@ -299,6 +304,7 @@ pub fn run(
     let mut updater = Updater::new(
         spec.zero_stage,
         model.named_parameters(),
+        compute.as_ref(),
         AdamWConfig {
             beta1: spec.beta1,
             beta2: spec.beta2,
@@ -308,18 +314,14 @@ pub fn run(
         placement.rank,
         placement.world_size,
     );
-    let (start, mut mixture) = match &placement.resume_from {
+    let (start, mut mixture) = match resumed {
         None => (
             0,
             Mixture::new(spec.seed, &sizes, &weights)
                 .map_err(|e| TrainError::Setup(e.to_string()))?,
         ),
-        Some(dir) => {
-            let state = checkpoint::restore(dir, &model, updater.state_mut())?;
-            // The bf16 copy was cast from the weights before the masters were restored.
-            if let Some(c) = &compute {
-                c.sync();
-            }
+        Some((dir, state)) => {
+            checkpoint::restore_optimizer(dir, &state, updater.state_mut())?;
             let mixture = Mixture::resume(spec.seed, &sizes, &weights, state.data_cursor)
                 .map_err(|e| TrainError::Checkpoint(format!("resume: {e}")))?;
             (state.step, mixture)

@@ -45,7 +45,9 @@ impl Shard {
         let world = world.max(1);
         Shard {
             total,
-            chunk: total.div_ceil(world).max(1),
+            // Even, so that a chunk of bf16 weights is a whole number of f32 words for the
+            // collective (which moves them as f32: an all-gather only copies).
+            chunk: total.div_ceil(world).max(1).next_multiple_of(2),
             rank,
             world,
         }
@@ -99,11 +101,11 @@ fn segments(sizes: &[(usize, bool)], shard: &Shard) -> Vec<Segment> {
     out
 }
 
-/// Makes `params` views of one flat buffer of `len` elements (their values kept, the rest
-/// zero), as `FlatGrads` does for their gradients; returns the buffer.
-fn flatten(params: &[Tensor], len: usize) -> Tensor {
+/// Makes `params` views of one flat buffer of `len` elements of `kind` (their values kept, the
+/// rest zero), as `FlatGrads` does for their gradients; returns the buffer.
+fn flatten(params: &[Tensor], len: usize, kind: Kind) -> Tensor {
     let device = params.first().map_or(Device::Cpu, |p| p.device());
-    let flat = Tensor::zeros([len as i64], (Kind::Float, device));
+    let flat = Tensor::zeros([len as i64], (kind, device));
     let mut offset = 0;
     tch::no_grad(|| {
         for p in params {
@@ -119,6 +121,24 @@ fn flatten(params: &[Tensor], len: usize) -> Tensor {
     flat
 }
 
+/// The weights a sharded optimizer updates, and how every rank gets them back.
+enum Weights {
+    /// fp32 training: the parameters are views of `flat` (padded); this rank's chunk of it is
+    /// updated and all-gathered in place.
+    Flat { flat: Tensor },
+    /// bf16 compute: this rank's chunk of the fp32 masters is the only fp32 copy there is; it
+    /// is cast into its chunk of the compute weights (views of `compute`, bf16, padded), which
+    /// are all-gathered.
+    Masters { chunk: Tensor, compute: Tensor },
+}
+
+/// Rank 0 at a checkpoint: every rank's chunks, in host memory, laid out like the parameters.
+struct Gathered {
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    masters: Option<Tensor>,
+}
+
 /// AdamW over one rank's chunk of the flat parameters.
 pub struct ShardedAdamW {
     config: AdamWConfig,
@@ -126,16 +146,38 @@ pub struct ShardedAdamW {
     shard: Shard,
     /// Name, shape and flat offset of every parameter, in the optimizer's order.
     layout: Vec<(String, Vec<i64>, usize)>,
-    params: Tensor,
+    weights: Weights,
     segments: Vec<Segment>,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    /// Rank 0 at a checkpoint: every rank's moments, per parameter, in host memory.
-    gathered: Option<(Tensor, Tensor)>,
+    gathered: Option<Gathered>,
+}
+
+/// For every piece of a parameter inside `shard`: (parameter index, start inside the
+/// parameter, start inside the chunk, length).
+fn pieces(layout: &[(String, Vec<i64>, usize)], shard: &Shard) -> Vec<(usize, i64, i64, i64)> {
+    let (lo, hi) = (shard.offset(), shard.offset() + shard.len());
+    let mut out = Vec::new();
+    for (i, (_, shape, offset)) in layout.iter().enumerate() {
+        let n = shape.iter().product::<i64>() as usize;
+        let (a, b) = ((*offset).max(lo), (offset + n).min(hi));
+        if a < b {
+            out.push((i, (a - offset) as i64, (a - lo) as i64, (b - a) as i64));
+        }
+    }
+    out
 }
 
 impl ShardedAdamW {
-    fn new(named: &[(String, Tensor)], config: AdamWConfig, rank: usize, world: usize) -> Self {
+    /// `named`: the fp32 parameters (masters). With a bf16 `compute` copy this rank keeps its
+    /// chunk of the masters, and the whole masters are released (they become empty tensors).
+    fn new(
+        named: &[(String, Tensor)],
+        compute: Option<&ComputeCopy>,
+        config: AdamWConfig,
+        rank: usize,
+        world: usize,
+    ) -> Self {
         let mut layout = Vec::with_capacity(named.len());
         let mut offset = 0;
         for (name, p) in named {
@@ -144,29 +186,74 @@ impl ShardedAdamW {
         }
         let shard = Shard::new(offset, rank, world);
         let tensors: Vec<Tensor> = named.iter().map(|(_, p)| p.shallow_clone()).collect();
-        let params = flatten(&tensors, shard.padded());
+        let device = tensors.first().map_or(Device::Cpu, |p| p.device());
         let sizes: Vec<(usize, bool)> = named
             .iter()
             .map(|(_, p)| (p.numel(), p.dim() >= 2))
             .collect();
-        let moment = || Tensor::zeros([shard.chunk as i64], (Kind::Float, params.device()));
+        let weights = match compute {
+            None => Weights::Flat {
+                flat: flatten(&tensors, shard.padded(), Kind::Float),
+            },
+            Some(c) => {
+                let chunk = Tensor::zeros([shard.chunk as i64], (Kind::Float, device));
+                tch::no_grad(|| {
+                    for (i, from, at, len) in pieces(&layout, &shard) {
+                        let piece = tensors[i].reshape([-1]).narrow(0, from, len);
+                        chunk.narrow(0, at, len).copy_(&piece);
+                    }
+                    for p in &tensors {
+                        p.shallow_clone()
+                            .set_data(&Tensor::empty([0], (Kind::Float, device)));
+                    }
+                });
+                let compute = flatten(&c.model_parameters(), shard.padded(), c.kind());
+                Weights::Masters { chunk, compute }
+            }
+        };
+        let moment = || Tensor::zeros([shard.chunk as i64], (Kind::Float, device));
         ShardedAdamW {
             config,
             step: 0,
             segments: segments(&sizes, &shard),
             exp_avg: moment(),
             exp_avg_sq: moment(),
-            params,
+            weights,
             shard,
             layout,
             gathered: None,
         }
     }
 
-    /// This rank's chunk of the flat parameters (padding included).
+    /// This rank's chunk of the fp32 weights it updates (padding included).
     fn param_chunk(&self) -> Tensor {
-        self.params
-            .narrow(0, self.shard.offset() as i64, self.shard.chunk as i64)
+        match &self.weights {
+            Weights::Flat { flat } => {
+                flat.narrow(0, self.shard.offset() as i64, self.shard.chunk as i64)
+            }
+            Weights::Masters { chunk, .. } => chunk.shallow_clone(),
+        }
+    }
+
+    /// Every rank's updated chunk to every rank: the fp32 parameters, or (cast first) the bf16
+    /// compute weights.
+    fn all_gather(&self, collective: &mut dyn Collective) -> Result<(), CollectiveError> {
+        let (at, len) = (self.shard.offset() as i64, self.shard.chunk as i64);
+        let (mine, mut whole) = match &self.weights {
+            Weights::Flat { flat } => (flat.narrow(0, at, len), flat.shallow_clone()),
+            Weights::Masters { chunk, compute } => {
+                let mine = compute.narrow(0, at, len);
+                tch::no_grad(|| mine.shallow_clone().copy_(chunk));
+                // The collective moves f32 words; a bf16 chunk (of even length) is half as
+                // many. An all-gather only copies, so the bits arrive as they left.
+                (
+                    mine.view_dtype(Kind::Float),
+                    compute.view_dtype(Kind::Float),
+                )
+            }
+        };
+        // In place: this rank's chunk of `whole` is the input (as NCCL allows).
+        collective.all_gather(&mine, &mut whole)
     }
 
     /// One update of this rank's chunk from its chunk of the (scaled, clipped) gradient.
@@ -204,36 +291,46 @@ impl ShardedAdamW {
     fn gather(&mut self, collective: &mut dyn Collective) -> Result<(), CollectiveError> {
         let shard = self.shard;
         let device = self.exp_avg.device();
+        let masters = match &self.weights {
+            Weights::Masters { chunk, .. } => Some(chunk.shallow_clone()),
+            Weights::Flat { .. } => None,
+        };
         if shard.rank == 0 && self.gathered.is_none() {
             let host = || crate::device::host_buffer(&[shard.total as i64], Kind::Float, device);
-            self.gathered = Some((host(), host()));
+            self.gathered = Some(Gathered {
+                exp_avg: host(),
+                exp_avg_sq: host(),
+                masters: masters.as_ref().map(|_| host()),
+            });
         }
+        let mut parts = vec![
+            self.exp_avg.shallow_clone(),
+            self.exp_avg_sq.shallow_clone(),
+        ];
+        parts.extend(masters);
         for owner in 0..shard.world {
             let theirs = Shard {
                 rank: owner,
                 ..shard
             };
-            for which in 0..2 {
-                let mine = if which == 0 {
-                    &self.exp_avg
-                } else {
-                    &self.exp_avg_sq
-                };
+            for (which, mine) in parts.iter().enumerate() {
                 let mut chunk = if owner == shard.rank {
                     mine.shallow_clone()
                 } else {
                     Tensor::empty([shard.chunk as i64], (Kind::Float, device))
                 };
                 collective.broadcast(&mut chunk, owner)?;
-                if let Some(gathered) = &self.gathered {
-                    let into = if which == 0 { &gathered.0 } else { &gathered.1 };
-                    let n = theirs.len() as i64;
-                    if n > 0 {
-                        tch::no_grad(|| {
-                            into.narrow(0, theirs.offset() as i64, n)
-                                .copy_(&chunk.narrow(0, 0, n))
-                        });
-                    }
+                let n = theirs.len() as i64;
+                if let (Some(g), true) = (&self.gathered, n > 0) {
+                    let into = match which {
+                        0 => &g.exp_avg,
+                        1 => &g.exp_avg_sq,
+                        _ => g.masters.as_ref().expect("gathered with the masters"),
+                    };
+                    tch::no_grad(|| {
+                        into.narrow(0, theirs.offset() as i64, n)
+                            .copy_(&chunk.narrow(0, 0, n))
+                    });
                 }
             }
         }
@@ -247,7 +344,7 @@ impl ShardedAdamW {
             .map(|(name, shape, offset)| {
                 let n: i64 = shape.iter().product();
                 let view = flat.narrow(0, *offset as i64, n).view(shape.as_slice());
-                (format!("{prefix}.{name}"), view)
+                (format!("{prefix}{name}"), view)
             })
             .collect()
     }
@@ -260,12 +357,18 @@ impl OptimizerState for ShardedAdamW {
 
     /// What `gather` brought to rank 0, named as stage 0 names it; empty elsewhere.
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let Some((avg, avg_sq)) = &self.gathered else {
+        let Some(g) = &self.gathered else {
             return Vec::new();
         };
-        let mut out = self.per_parameter(avg, "exp_avg");
-        out.extend(self.per_parameter(avg_sq, "exp_avg_sq"));
+        let mut out = self.per_parameter(&g.exp_avg, "exp_avg.");
+        out.extend(self.per_parameter(&g.exp_avg_sq, "exp_avg_sq."));
         out
+    }
+
+    /// Rank 0 after `gather` under bf16: the fp32 masters, of which no rank holds all.
+    fn master_weights(&self) -> Option<Vec<(String, Tensor)>> {
+        let masters = self.gathered.as_ref()?.masters.as_ref()?;
+        Some(self.per_parameter(masters, ""))
     }
 
     /// Takes this rank's chunk out of moments saved per parameter (by any stage, at any world
@@ -330,39 +433,41 @@ pub struct Updater {
 }
 
 impl Updater {
-    /// `named`: the fp32 parameters (masters), in the optimizer's order.
+    /// `named`: the fp32 parameters (masters), in the optimizer's order; `compute`: the bf16
+    /// copy that forward and backward run on, if any. At stages 1 and 2 under bf16 the whole
+    /// masters are released: this rank keeps its chunk, rank 0 gathers them for checkpoints.
     pub fn new(
         stage: Stage,
         named: Vec<(String, Tensor)>,
+        compute: Option<&ComputeCopy>,
         config: AdamWConfig,
         rank: usize,
         world_size: usize,
     ) -> Updater {
         let parameters: Vec<Tensor> = named.iter().map(|(_, p)| p.shallow_clone()).collect();
-        let (optimizer, padded) = match stage {
-            Stage::Zero => {
-                let total = parameters.iter().map(|p| p.numel()).sum();
-                (Optimizer::Replicated(AdamW::new(named, config)), total)
-            }
+        let total: usize = parameters.iter().map(|p| p.numel()).sum();
+        let padded = match stage {
+            Stage::Zero => total,
+            Stage::One | Stage::Two => Shard::new(total, rank, world_size).padded(),
+        };
+        // Laid out before the masters may be released below.
+        let grads = FlatGrads::padded(&parameters, padded);
+        let optimizer = match stage {
+            Stage::Zero => Optimizer::Replicated(AdamW::new(named, config)),
             Stage::One | Stage::Two => {
-                let adamw = ShardedAdamW::new(&named, config, rank, world_size);
-                let padded = adamw.shard.padded();
+                let adamw = ShardedAdamW::new(&named, compute, config, rank, world_size);
                 let grad_chunk = (stage == Stage::Two).then(|| {
-                    Tensor::zeros(
-                        [adamw.shard.chunk as i64],
-                        (Kind::Float, adamw.params.device()),
-                    )
+                    Tensor::zeros([adamw.shard.chunk as i64], (Kind::Float, grads.device()))
                 });
-                let optimizer = Optimizer::Sharded {
+                Optimizer::Sharded {
                     adamw,
                     stage,
                     grad_chunk,
-                };
-                (optimizer, padded)
+                }
             }
         };
         Updater {
-            grads: FlatGrads::padded(&parameters, padded),
+            grads,
             optimizer,
             parameters,
             last_gradient_bytes: 0,
@@ -468,14 +573,11 @@ impl Updater {
                     });
                 }
                 adamw.step_chunk(lr, &grad);
-                let chunk = adamw.param_chunk();
-                let mut whole = adamw.params.shallow_clone();
-                // In place: this rank's chunk of `whole` is the input (as NCCL allows).
-                collective.all_gather(&chunk, &mut whole)?;
+                adamw.all_gather(collective)?;
                 norm
             }
         };
-        if let Some(c) = compute {
+        if let (Some(c), Optimizer::Replicated(_)) = (compute, &self.optimizer) {
             c.sync();
         }
         for p in &mut self.parameters {
@@ -507,7 +609,8 @@ mod tests {
             for s in shards.iter().filter(|s| !s.is_empty()) {
                 assert_eq!(s.offset(), next);
                 next += s.len();
-                assert!(s.len() <= total.div_ceil(world));
+                assert!(s.len() <= total.div_ceil(world) + 1);
+                assert!(s.chunk.is_multiple_of(2));
             }
         }
         // Parameters of 3, 4 and 3 elements over 3 ranks of 4: the second is split.
@@ -526,7 +629,7 @@ mod tests {
         let a = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]);
         let b = Tensor::from_slice(&[5.0f32]);
         let handle = a.shallow_clone();
-        let flat = flatten(&[a.shallow_clone(), b.shallow_clone()], 6);
+        let flat = flatten(&[a.shallow_clone(), b.shallow_clone()], 6, Kind::Float);
         assert_eq!(
             Vec::<f32>::try_from(&flat).unwrap(),
             [1.0, 2.0, 3.0, 4.0, 5.0, 0.0]

@@ -118,7 +118,7 @@ fn train(stage: Stage, world: usize) -> Vec<Outcome> {
             .into_iter()
             .map(|t| t.set_requires_grad(true))
             .collect();
-        let mut updater = Updater::new(stage, named(&params), config(), rank, world);
+        let mut updater = Updater::new(stage, named(&params), None, config(), rank, world);
         let (mut norms, mut gradient_bytes) = (Vec::new(), 0);
         for step in 0..STEPS {
             let t = &input.targets[step];
@@ -250,7 +250,7 @@ fn saved_moments_reshard_to_another_world_size() {
             .into_iter()
             .map(|t| t.set_requires_grad(true))
             .collect();
-        let mut updater = Updater::new(Stage::Two, named(&params), config(), rank, 2);
+        let mut updater = Updater::new(Stage::Two, named(&params), None, config(), rank, 2);
         let map: HashMap<String, Tensor> = state.into_iter().collect();
         updater.state_mut().load_state(map, STEPS as u64).unwrap();
         assert_eq!(updater.state().step_count(), STEPS as u64);
@@ -270,7 +270,7 @@ fn saved_moments_reshard_to_another_world_size() {
     let mut map: HashMap<String, Tensor> = saved.into_iter().collect();
     map.remove("exp_avg.p3");
     let params: Vec<Tensor> = inputs(1).remove(0).start;
-    let mut lone = Updater::new(Stage::One, named(&params), config(), 0, 1);
+    let mut lone = Updater::new(Stage::One, named(&params), None, config(), 0, 1);
     let err = lone.state_mut().load_state(map, 1).unwrap_err();
     assert!(err.contains("`exp_avg.p3` is missing"), "{err}");
 }
