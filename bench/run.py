@@ -9,7 +9,7 @@ shape through `add_figure`.
 
 usage: python bench/run.py [--quick] [--check] [--only GROUP ...]
   --quick  one round, few iterations, a tiny model, 256 simulated workers (make test runs this)
-  --only   allreduce, train_step, ddp_overhead, control_plane and/or elastic (default: all); the JSON
+  --only   allreduce, train_step, ddp_overhead, zero, control_plane and/or elastic (default: all); the JSON
            then holds those
   --check  fail unless every figure is present, finite, and each peer reference came from a
            real torch process
@@ -70,10 +70,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_ranks(commands, timeout=600):
+def run_ranks(commands, timeout=600, env=None):
     """Starts one process per command, waits for all, returns rank 0's last stdout line as JSON."""
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in commands]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for c in commands]
     outs = []
     try:
         for p in procs:
@@ -262,6 +262,49 @@ def bench_ddp_overhead(args):
                source=source, detail=detail)
 
 
+def bench_zero(args):
+    """ZeRO against plain data parallelism on 2 ranks of the ring, the same model and batches:
+    rank 0's peak resident memory at zero_stage 1 (each rank keeps half the AdamW moments), and
+    the gradient bytes a rank sends per step at zero_stage 2 (a reduce-scatter instead of an
+    all-reduce), each over zero_stage 0's measured in the same run."""
+    rounds = 1 if args.quick else 3
+    config = dict(TRAIN_CONFIG)
+    shape = ["--batch", "2", "--seq", "256", "--warmup", "1", "--steps", "3", "--threads", "1"]
+    if args.quick:
+        config.update(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+        shape = ["--batch", "2", "--seq", "64", "--warmup", "1", "--steps", "2", "--threads", "1"]
+    with tempfile.TemporaryDirectory() as model:
+        with open(os.path.join(model, "config.json"), "w") as f:
+            json.dump(config, f)
+
+        # glibc's mmap threshold pinned, as tests/tests/plan.rs does: otherwise freed
+        # activations stay resident in amounts that vary run to run, and the peak is not the
+        # live one.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+
+        def run(stage):
+            ports = ",".join(str(free_port()) for _ in range(2))
+            return run_ranks([[os.path.join(BIN, "train-step"), "--model", model] + shape
+                              + ["--rank", str(r), "--ports", ports, "--zero-stage", str(stage)]
+                              for r in range(2)], env=env)
+
+        peak, sent, step_s = {0: [], 1: [], 2: []}, {0: [], 1: [], 2: []}, {0: [], 1: [], 2: []}
+        for r in range(rounds):
+            for stage in ([0, 1, 2] if r % 2 == 0 else [2, 1, 0]):
+                result = run(stage)
+                peak[stage].append(result["peak_rss_mib"])
+                sent[stage].append(float(result["gradient_bytes_per_step"]))
+                step_s[stage].append(result["step_s"])
+        detail = {"parameters": result["parameters"],
+                  "zero2_peak_rss_mib": peak[2], **{f"step_s_zero{k}": v for k, v in step_s.items()},
+                  "zero1_gradient_bytes_per_step": sent[1]}
+    add_figure("zero1_peak_rss_2ranks", peak[1], peak[0], "MiB peak RSS, rank 0", False,
+               kind="baseline", source="ferrotune zero_stage 0", detail=detail)
+    add_figure("zero2_gradient_bytes_2ranks", sent[2], sent[0], "bytes sent per step, rank 0",
+               False, kind="baseline", source="ferrotune zero_stage 0")
+
+
 def bench_control_plane(args):
     counts = [256] if args.quick else [256, 1024, 4096]
     seconds = 3 if args.quick else 10
@@ -348,7 +391,8 @@ def markdown(limit, quick):
 
 def check():
     expected = ["allreduce_1mib_2ranks", "allreduce_16mib_2ranks", "allreduce_64mib_2ranks",
-                "allreduce_64mib_3ranks", "train_step", "ddp_overhead", "rendezvous_256", "heartbeat_p99_256",
+                "allreduce_64mib_3ranks", "train_step", "ddp_overhead", "zero1_peak_rss_2ranks",
+                "zero2_gradient_bytes_2ranks", "rendezvous_256", "heartbeat_p99_256",
                 "recovery", "checkpoint_stall", "resume_step_10000"]
     problems = [f"missing figure {n}" for n in expected if n not in figures]
     for name, f in figures.items():
@@ -366,7 +410,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--check", action="store_true")
-    groups = ["allreduce", "train_step", "ddp_overhead", "control_plane", "elastic"]
+    groups = ["allreduce", "train_step", "ddp_overhead", "zero", "control_plane", "elastic"]
     ap.add_argument("--only", nargs="+", choices=groups, default=groups)
     args = ap.parse_args()
     started = time.time()
@@ -375,6 +419,8 @@ def main():
         bench_train_step(args)
     if "ddp_overhead" in args.only:
         bench_ddp_overhead(args)
+    if "zero" in args.only:
+        bench_zero(args)
     if "control_plane" in args.only:
         bench_control_plane(args)
     if "elastic" in args.only:

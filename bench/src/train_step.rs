@@ -1,18 +1,18 @@
-//! One process, one measurement: full training steps (forward, backward, gradient all-reduce,
-//! clip, AdamW) of a randomly initialised model through the worker's own model, gradient,
-//! collective and optimizer code, in the order the trainer runs them: on the CPU (the ring), or
-//! on GPU 0 with NCCL (bench/gpu.sh). Prints one JSON line (rank 0). bench/run.py runs it alternately with the PyTorch eager reference
-//! (`train_step`), and as 1 and 2 ranks over the TCP ring against torch DDP over Gloo
-//! (`ddp_overhead`).
+//! One process, one measurement: full training steps (forward, backward, gradient reduction,
+//! clip, AdamW at a ZeRO stage) of a randomly initialised model through the worker's own model,
+//! collective and update code (`zero::Updater`, as the trainer calls it): on the CPU (the ring),
+//! or on GPU 0 with NCCL (bench/gpu.sh). Prints one JSON line (rank 0). bench/run.py runs it
+//! alternately with the PyTorch eager reference (`train_step`), as 1 and 2 ranks over the TCP
+//! ring against torch DDP over Gloo (`ddp_overhead`), and at ZeRO stages 0/1/2 (`zero`).
 
 use clap::Parser;
 use ferrotune_worker::collective::nccl::{self, Nccl, NcclOptions};
 use ferrotune_worker::collective::ring::{Ring, RingOptions};
-use ferrotune_worker::collective::{Collective, ReduceOp, SingleProcess};
-use ferrotune_worker::grads::FlatGrads;
+use ferrotune_worker::collective::{Collective, SingleProcess};
 use ferrotune_worker::model::io::LoadedModel;
-use ferrotune_worker::optim::{scale_and_clip, AdamW, AdamWConfig};
+use ferrotune_worker::optim::AdamWConfig;
 use ferrotune_worker::precision::ComputeCopy;
+use ferrotune_worker::zero::{Stage, Updater};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -45,6 +45,9 @@ struct Args {
     /// fp32, or bf16 (bf16 compute copy, fp32 masters and AdamW state: `model.precision`).
     #[arg(long, default_value = "fp32")]
     precision: String,
+    /// 0, 1 or 2: `training.zero_stage`.
+    #[arg(long, default_value_t = 0)]
+    zero_stage: u8,
 }
 
 fn collective(args: &Args, device: Device) -> anyhow::Result<Box<dyn Collective>> {
@@ -115,25 +118,38 @@ fn main() -> anyhow::Result<()> {
         "bf16" => true,
         other => anyhow::bail!("--precision {other}: expected fp32 or bf16"),
     };
+    let stage = match args.zero_stage {
+        0 => Stage::Zero,
+        1 => Stage::One,
+        2 => Stage::Two,
+        other => anyhow::bail!("--zero-stage {other}: expected 0, 1 or 2"),
+    };
+    let parameters: i64 = model
+        .named_parameters()
+        .iter()
+        .map(|(_, p)| p.numel() as i64)
+        .sum();
     let compute = bf16.then(|| ComputeCopy::new(&model, Kind::BFloat16));
     let net = compute.as_ref().map_or(&model.model, |c| &c.model);
-    let mut optimizer = AdamW::new(
+    let mut updater = Updater::new(
+        stage,
         model.named_parameters(),
+        compute.as_ref(),
         AdamWConfig {
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.1,
         },
+        args.rank,
+        args.ports.len().max(1),
     );
-    let parameters = optimizer.parameters();
-    let flat = FlatGrads::new(&parameters);
     let vocab = model.config.vocab_size;
     // Each rank draws its own batch (its data-parallel share).
     tch::manual_seed(1 + args.rank as i64);
-    let mut in_place = false;
     let mut peak_device_mib = 0.0f64;
-    // Returns the seconds inside the all-reduce: the communication share of a step.
+    let mut gradient_bytes = 0u64;
+    // Returns the seconds inside the gradient reduction: the communication share of a step.
     let mut step = || -> anyhow::Result<f64> {
         let ids = Tensor::randint(vocab, [args.batch, args.seq + 1], (Kind::Int64, device));
         let x = ids.narrow(1, 0, args.seq);
@@ -146,29 +162,18 @@ fn main() -> anyhow::Result<()> {
             loss.backward();
             value
         };
-        let mut grads = match &compute {
-            Some(c) => flat.upcast_from(c),
-            None => {
-                let adopted = flat.adopt(&parameters);
-                in_place = adopted.is_some();
-                adopted.unwrap_or_else(|| optimizer.gradients())
-            }
-        };
-        let mut scalars = [loss_sum, (args.batch * args.seq) as f64];
-        let reduce_started = Instant::now();
-        collective.all_reduce_with_scalars(&mut grads, &mut scalars, ReduceOp::Sum)?;
-        let reducing = reduce_started.elapsed().as_secs_f64();
-        scale_and_clip(&grads, 1.0 / scalars[1], 1.0);
-        match &compute {
-            Some(c) => {
-                optimizer.step_with(1e-4, &grads);
-                c.sync();
-            }
-            None => optimizer.step(1e-4),
-        }
-        optimizer.zero_grad();
+        let tokens = (args.batch * args.seq) as f64;
+        let mut scalars = [loss_sum, tokens, tokens];
+        updater.reduce_and_step(
+            compute.as_ref(),
+            &mut scalars,
+            1e-4,
+            1.0,
+            collective.as_mut(),
+        )?;
+        gradient_bytes = updater.last_gradient_bytes;
         peak_device_mib = peak_device_mib.max(device_used_mib(device));
-        Ok(reducing)
+        Ok(updater.last_reduce_seconds)
     };
     let synchronize = || {
         if let Device::Cuda(i) = device {
@@ -186,11 +191,6 @@ fn main() -> anyhow::Result<()> {
     }
     synchronize();
     let seconds = started.elapsed().as_secs_f64();
-    let parameters: i64 = model
-        .named_parameters()
-        .iter()
-        .map(|(_, p)| p.numel() as i64)
-        .sum();
     let tokens = (args.steps as i64 * args.batch * args.seq) as f64;
     if args.rank != 0 {
         return Ok(());
@@ -205,7 +205,8 @@ fn main() -> anyhow::Result<()> {
             "activation_checkpointing": args.activation_checkpointing,
             "world_size": args.ports.len().max(1),
             "allreduce_s": reducing / args.steps as f64,
-            "gradients_reduced_in_place": in_place,
+            "zero_stage": args.zero_stage,
+            "gradient_bytes_per_step": gradient_bytes,
             "device": args.device,
             "precision": args.precision,
             "parameters": parameters,

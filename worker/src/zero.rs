@@ -427,8 +427,9 @@ pub struct Updater {
     parameters: Vec<Tensor>,
     grads: FlatGrads,
     /// Bytes the collective sent while reducing the last step's gradients (0 where the
-    /// collective does not count them).
+    /// collective does not count them), and the seconds that took.
     pub last_gradient_bytes: u64,
+    pub last_reduce_seconds: f64,
     logged_fallback: bool,
 }
 
@@ -471,6 +472,7 @@ impl Updater {
             optimizer,
             parameters,
             last_gradient_bytes: 0,
+            last_reduce_seconds: 0.0,
             logged_fallback: false,
         }
     }
@@ -502,7 +504,11 @@ impl Updater {
         max_norm: f64,
         collective: &mut dyn Collective,
     ) -> Result<f64, CollectiveError> {
-        let sent_before = collective.bytes_sent();
+        let (sent_before, reduce_started) = (collective.bytes_sent(), std::time::Instant::now());
+        let traffic = |c: &dyn Collective| {
+            let seconds = reduce_started.elapsed().as_secs_f64();
+            (c.bytes_sent() - sent_before, seconds)
+        };
         let norm = match &mut self.optimizer {
             Optimizer::Replicated(adamw) => {
                 let mut grads = match compute {
@@ -518,7 +524,7 @@ impl Updater {
                     }),
                 };
                 collective.all_reduce_with_scalars(&mut grads, scalars, ReduceOp::Sum)?;
-                self.last_gradient_bytes = collective.bytes_sent() - sent_before;
+                (self.last_gradient_bytes, self.last_reduce_seconds) = traffic(collective);
                 let norm = scale_and_clip(&grads, 1.0 / scalars[1].max(1.0), max_norm);
                 match compute {
                     Some(_) => adamw.step_with(lr, &grads),
@@ -544,7 +550,7 @@ impl Updater {
                 let grad = match (stage, grad_chunk) {
                     (Stage::Two, Some(out)) => {
                         collective.reduce_scatter(&mut flat, out, ReduceOp::Sum)?;
-                        self.last_gradient_bytes = collective.bytes_sent() - sent_before;
+                        (self.last_gradient_bytes, self.last_reduce_seconds) = traffic(collective);
                         collective.all_reduce_scalars(scalars, ReduceOp::Sum)?;
                         out.shallow_clone()
                     }
@@ -554,7 +560,7 @@ impl Updater {
                             scalars,
                             ReduceOp::Sum,
                         )?;
-                        self.last_gradient_bytes = collective.bytes_sent() - sent_before;
+                        (self.last_gradient_bytes, self.last_reduce_seconds) = traffic(collective);
                         flat.narrow(0, shard.offset() as i64, shard.chunk as i64)
                     }
                 };
