@@ -15,6 +15,7 @@ usage: python bench/run.py [--quick] [--check] [--only GROUP ...]
            real torch process
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -217,13 +218,13 @@ def bench_train_step(args):
     add_figure("train_step", ours, theirs, "tokens/s", True, source=source, detail=detail)
 
 
-def bench_ddp_overhead(args):
-    """Step time of 2 data-parallel workers over 1 at the same per-worker batch, 1 thread each:
-    what data parallelism costs (the all-reduce, and two processes sharing a machine). Ours over
-    the TCP ring vs torch DistributedDataParallel over Gloo, on the same model."""
-    rounds = 1 if args.quick else 3
+@contextlib.contextmanager
+def per_worker_model(args, steps):
+    """A directory with the bench model's config.json, and train-step's per-worker shape:
+    2 × 256 tokens, 1 thread, `steps` timed steps (--quick: a tiny model and shape)."""
     config = dict(TRAIN_CONFIG)
-    shape = ["--batch", "2", "--seq", "256", "--warmup", "1", "--steps", "4", "--threads", "1"]
+    shape = ["--batch", "2", "--seq", "256", "--warmup", "1", "--steps", str(steps),
+             "--threads", "1"]
     if args.quick:
         config.update(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
@@ -231,6 +232,15 @@ def bench_ddp_overhead(args):
     with tempfile.TemporaryDirectory() as model:
         with open(os.path.join(model, "config.json"), "w") as f:
             json.dump(config, f)
+        yield model, shape
+
+
+def bench_ddp_overhead(args):
+    """Step time of 2 data-parallel workers over 1 at the same per-worker batch, 1 thread each:
+    what data parallelism costs (the all-reduce, and two processes sharing a machine). Ours over
+    the TCP ring vs torch DistributedDataParallel over Gloo, on the same model."""
+    rounds = 1 if args.quick else 3
+    with per_worker_model(args, steps=4) as (model, shape):
         common = ["--model", model] + shape
 
         def step_s(impl, world):
@@ -268,16 +278,7 @@ def bench_zero(args):
     the gradient bytes a rank sends per step at zero_stage 2 (a reduce-scatter instead of an
     all-reduce), each over zero_stage 0's measured in the same run."""
     rounds = 1 if args.quick else 3
-    config = dict(TRAIN_CONFIG)
-    shape = ["--batch", "2", "--seq", "256", "--warmup", "1", "--steps", "3", "--threads", "1"]
-    if args.quick:
-        config.update(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
-        shape = ["--batch", "2", "--seq", "64", "--warmup", "1", "--steps", "2", "--threads", "1"]
-    with tempfile.TemporaryDirectory() as model:
-        with open(os.path.join(model, "config.json"), "w") as f:
-            json.dump(config, f)
-
+    with per_worker_model(args, steps=3) as (model, shape):
         # glibc's mmap threshold pinned, as tests/tests/plan.rs does: otherwise freed
         # activations stay resident in amounts that vary run to run, and the peak is not the
         # live one.

@@ -38,6 +38,54 @@ pub trait OptimizerState {
     }
 }
 
+/// torch.optim.AdamW's update number `step` at learning rate `lr`, for any tensor and its
+/// moments: whole parameters (`AdamW`) or pieces of a flat chunk (`zero::ShardedAdamW`) get
+/// the same operations, so the same elements get the same results.
+pub(crate) struct UpdateRule {
+    config: AdamWConfig,
+    lr: f64,
+    step_size: f64,
+    bias_correction2_sqrt: f64,
+}
+
+impl UpdateRule {
+    pub(crate) fn new(config: &AdamWConfig, step: u64, lr: f64) -> UpdateRule {
+        let bias_correction1 = 1.0 - config.beta1.powi(step as i32);
+        let bias_correction2 = 1.0 - config.beta2.powi(step as i32);
+        UpdateRule {
+            config: config.clone(),
+            lr,
+            step_size: lr / bias_correction1,
+            bias_correction2_sqrt: bias_correction2.sqrt(),
+        }
+    }
+
+    /// Updates `param` and its moments in place (the caller holds `no_grad`); `decay`: whether
+    /// weight decay applies to it.
+    pub(crate) fn apply(
+        &self,
+        param: &Tensor,
+        grad: &Tensor,
+        exp_avg: &Tensor,
+        exp_avg_sq: &Tensor,
+        decay: bool,
+    ) {
+        let c = &self.config;
+        let mut param = param.shallow_clone();
+        if decay && c.weight_decay != 0.0 {
+            let _ = param.g_mul_scalar_(1.0 - self.lr * c.weight_decay);
+        }
+        let _ = exp_avg.shallow_clone().lerp_(grad, 1.0 - c.beta1);
+        // tch's addcmul_/addcdiv_ take no `value`, so the scale goes on one operand.
+        let _ = exp_avg_sq
+            .shallow_clone()
+            .g_mul_scalar_(c.beta2)
+            .addcmul_(&(grad * (1.0 - c.beta2)), grad);
+        let denom = (exp_avg_sq.sqrt() / self.bias_correction2_sqrt) + c.eps;
+        let _ = param.addcdiv_(&(exp_avg * -self.step_size), &denom);
+    }
+}
+
 pub struct AdamW {
     config: AdamWConfig,
     params: Vec<ParamState>,
@@ -76,27 +124,12 @@ impl AdamW {
     pub fn step_with(&mut self, lr: f64, grads: &[Tensor]) {
         assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         self.step += 1;
-        let c = &self.config;
-        let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
-        let step_size = lr / bias_correction1;
-        let bias_correction2_sqrt = bias_correction2.sqrt();
+        let rule = UpdateRule::new(&self.config, self.step, lr);
         tch::no_grad(|| {
             for (p, grad) in self.params.iter_mut().zip(grads) {
-                if !grad.defined() {
-                    continue;
+                if grad.defined() {
+                    rule.apply(&p.param, grad, &p.exp_avg, &p.exp_avg_sq, p.decay);
                 }
-                if p.decay && c.weight_decay != 0.0 {
-                    let _ = p.param.g_mul_scalar_(1.0 - lr * c.weight_decay);
-                }
-                let _ = p.exp_avg.lerp_(grad, 1.0 - c.beta1);
-                // tch's addcmul_/addcdiv_ take no `value`, so the scale goes on one operand.
-                let _ = p
-                    .exp_avg_sq
-                    .g_mul_scalar_(c.beta2)
-                    .addcmul_(&(grad * (1.0 - c.beta2)), grad);
-                let denom = (p.exp_avg_sq.sqrt() / bias_correction2_sqrt) + c.eps;
-                let _ = p.param.addcdiv_(&(&p.exp_avg * -step_size), &denom);
             }
         });
     }

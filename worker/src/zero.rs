@@ -18,7 +18,9 @@
 
 use crate::collective::{Collective, CollectiveError, ReduceOp};
 use crate::grads::FlatGrads;
-use crate::optim::{clip_coefficient, scale_and_clip, AdamW, AdamWConfig, OptimizerState};
+use crate::optim::{
+    clip_coefficient, scale_and_clip, AdamW, AdamWConfig, OptimizerState, UpdateRule,
+};
 use crate::precision::ComputeCopy;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
@@ -259,29 +261,19 @@ impl ShardedAdamW {
     /// One update of this rank's chunk from its chunk of the (scaled, clipped) gradient.
     fn step_chunk(&mut self, lr: f64, grad: &Tensor) {
         self.step += 1;
-        let c = &self.config;
-        let bias_correction1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bias_correction2 = 1.0 - c.beta2.powi(self.step as i32);
-        let step_size = lr / bias_correction1;
-        let bias_correction2_sqrt = bias_correction2.sqrt();
+        let rule = UpdateRule::new(&self.config, self.step, lr);
         let chunk = self.param_chunk();
         tch::no_grad(|| {
-            // Segment by segment, as optim::AdamW goes parameter by parameter: the same
-            // operations on the same elements give the same results.
+            // Segment by segment, as optim::AdamW goes parameter by parameter.
             for s in &self.segments {
-                let mut param = chunk.narrow(0, s.at, s.len);
-                let g = grad.narrow(0, s.at, s.len);
-                let mut exp_avg = self.exp_avg.narrow(0, s.at, s.len);
-                let mut exp_avg_sq = self.exp_avg_sq.narrow(0, s.at, s.len);
-                if s.decay && c.weight_decay != 0.0 {
-                    let _ = param.g_mul_scalar_(1.0 - lr * c.weight_decay);
-                }
-                let _ = exp_avg.lerp_(&g, 1.0 - c.beta1);
-                let _ = exp_avg_sq
-                    .g_mul_scalar_(c.beta2)
-                    .addcmul_(&(&g * (1.0 - c.beta2)), &g);
-                let denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt) + c.eps;
-                let _ = param.addcdiv_(&(&exp_avg * -step_size), &denom);
+                let piece = |t: &Tensor| t.narrow(0, s.at, s.len);
+                rule.apply(
+                    &piece(&chunk),
+                    &piece(grad),
+                    &piece(&self.exp_avg),
+                    &piece(&self.exp_avg_sq),
+                    s.decay,
+                );
             }
         });
     }

@@ -1,5 +1,7 @@
 //! The TCP ring against the obvious computation: the mean of every rank's tensors.
 
+mod common;
+use common::ring::{listeners, on_ring};
 use ferrotune_worker::collective::ring::{Ring, RingOptions};
 use ferrotune_worker::collective::{plan_buckets, Collective, CollectiveError, ReduceOp};
 use std::net::TcpListener;
@@ -14,17 +16,6 @@ fn options(timeout: Duration, bucket_bytes: usize) -> RingOptions {
         generation: 1,
         cancel: Default::default(),
     }
-}
-
-fn listeners(n: usize) -> (Vec<TcpListener>, Vec<String>) {
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs = ls
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
-    (ls, addrs)
 }
 
 /// Shapes with 1 element, sizes not divisible by 2 or 3, and one larger than a bucket.
@@ -45,33 +36,6 @@ fn rank_tensors(rank: usize) -> Vec<Tensor> {
         .iter()
         .map(|s| Tensor::randn(s.as_slice(), (Kind::Float, tch::Device::Cpu)))
         .collect()
-}
-
-/// Runs `per_rank` on its own thread for every rank of a fresh ring, each with its own input
-/// (tensors are not shared between threads); results in rank order.
-fn on_ring<I: Send, T: Send>(
-    opts: &RingOptions,
-    inputs: Vec<I>,
-    per_rank: impl Fn(usize, Ring, I) -> T + Sync,
-) -> Vec<T> {
-    let world = inputs.len();
-    let (ls, addrs) = listeners(world);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = ls
-            .into_iter()
-            .zip(inputs)
-            .enumerate()
-            .map(|(rank, (l, input))| {
-                let (addrs, per_rank) = (&addrs, &per_rank);
-                s.spawn(move || {
-                    let next = &addrs[(rank + 1) % world];
-                    let ring = Ring::connect(l, rank, world, next, opts).unwrap();
-                    per_rank(rank, ring, input)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
 }
 
 /// Every rank's result is within `tolerance` of `expected` and bitwise equal to rank 0's.

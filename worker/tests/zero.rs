@@ -3,11 +3,11 @@
 //! that the chunks split; stage 2 sends half the gradient bytes; saved moments re-shard to
 //! another world size unchanged.
 
+mod common;
 use ferrotune_worker::collective::ring::{Ring, RingOptions};
 use ferrotune_worker::optim::AdamWConfig;
 use ferrotune_worker::zero::{Stage, Updater};
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::time::Duration;
 use tch::{Kind, Tensor};
 
@@ -64,42 +64,21 @@ struct Outcome {
     state: Vec<(String, Tensor)>,
 }
 
+/// A ring of `world` threads (1 KiB buckets: several per flat buffer).
 fn on_ring<I: Send, T: Send>(
     world: usize,
     inputs: Vec<I>,
     per_rank: impl Fn(usize, Ring, I) -> T + Sync,
 ) -> Vec<T> {
+    assert_eq!(inputs.len(), world);
     let opts = RingOptions {
         timeout: Duration::from_secs(20),
-        // 1 KiB buckets: several per flat buffer.
         bucket_bytes: 1024,
         token: "t".into(),
         generation: 1,
         cancel: Default::default(),
     };
-    let ls: Vec<TcpListener> = (0..world)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<String> = ls
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = ls
-            .into_iter()
-            .zip(inputs)
-            .enumerate()
-            .map(|(rank, (l, input))| {
-                let (addrs, per_rank, opts) = (&addrs, &per_rank, &opts);
-                s.spawn(move || {
-                    let ring =
-                        Ring::connect(l, rank, world, &addrs[(rank + 1) % world], opts).unwrap();
-                    per_rank(rank, ring, input)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    common::ring::on_ring(&opts, inputs, per_rank)
 }
 
 fn named(params: &[Tensor]) -> Vec<(String, Tensor)> {

@@ -2,6 +2,8 @@
 //! the golden values it generates.
 #![allow(dead_code)]
 
+pub mod ring;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
