@@ -108,6 +108,41 @@ fn each_bad_line_gets_one_located_message() {
     );
 }
 
+/// A JSON Lines file saved with a UTF-8 byte-order mark (PowerShell, Excel) reads as the same
+/// file without it: the format is detected and line 1 parses.
+#[test]
+fn a_byte_order_mark_is_read_away() {
+    let tok = tokenizer();
+    let lines = [r#"{"text":"first line"}"#, r#"{"text":"second line"}"#];
+    let plain = write(&lines);
+    let marked = tempfile::NamedTempFile::new().unwrap();
+    let mut bytes = b"\xEF\xBB\xBF".to_vec();
+    bytes.extend(std::fs::read(plain.path()).unwrap());
+    std::fs::write(marked.path(), bytes).unwrap();
+    assert_eq!(
+        crate::source::Records::first(marked.path())
+            .unwrap()
+            .as_deref(),
+        Some("{\"text\":\"first line\"}\n")
+    );
+    assert_eq!(
+        Format::detect(
+            &crate::source::Records::first(marked.path())
+                .unwrap()
+                .unwrap()
+        ),
+        Some(Format::Text)
+    );
+    let report =
+        |f: &Path| prepare("t", &recipe(f, Format::Text, &tok, None, 64), &mut NullSink).unwrap();
+    let (with, without) = (report(marked.path()), report(plain.path()));
+    assert_eq!(with.errors, 0, "{with}");
+    assert_eq!(
+        (with.samples, with.lengths.clone()),
+        (without.samples, without.lengths.clone())
+    );
+}
+
 /// Decodes the learned tokens (those with a label) of an encoded sample.
 fn learned(tok: &Tokenizer, e: &crate::encode::Encoded) -> String {
     let ids: Vec<u32> = e

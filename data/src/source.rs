@@ -23,7 +23,13 @@ enum Inner {
 pub struct Records {
     inner: Inner,
     shown: String,
+    /// No record read yet: a UTF-8 byte-order mark before it is dropped.
+    at_start: bool,
 }
+
+/// What PowerShell, Excel and Notepad write at the start of a "UTF-8" file; Python reads it
+/// away with `encoding="utf-8-sig"`, and so does this.
+const BYTE_ORDER_MARK: &[u8] = b"\xEF\xBB\xBF";
 
 /// Whether a path names a Parquet file (by its extension, as pandas and `datasets` write them).
 pub fn is_parquet(path: &Path) -> bool {
@@ -45,7 +51,11 @@ impl Records {
         } else {
             Inner::Lines(std::io::BufReader::with_capacity(1 << 20, file))
         };
-        Ok(Records { inner, shown })
+        Ok(Records {
+            inner,
+            shown,
+            at_start: true,
+        })
     }
 
     /// The next record's bytes (a JSON object, or whatever the line holds), None at the end.
@@ -59,6 +69,9 @@ impl Records {
                         path: self.shown.clone(),
                         source,
                     })?;
+                if std::mem::take(&mut self.at_start) && bytes.starts_with(BYTE_ORDER_MARK) {
+                    bytes.drain(..BYTE_ORDER_MARK.len());
+                }
                 Ok((n > 0).then_some(bytes))
             }
             Inner::Parquet(rows) => match rows.next() {
