@@ -47,6 +47,8 @@ pub struct Shape {
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// Qwen3's per-head query and key norms (head_dim weights each, per layer).
+    pub qk_norm: bool,
 }
 
 impl Shape {
@@ -83,7 +85,8 @@ impl Shape {
             |field: &str, default: bool| raw.get(field).and_then(Value::as_bool).unwrap_or(default);
         let hidden = required("hidden_size")?;
         let heads = required("num_attention_heads")?;
-        let qwen2 = raw.get("model_type").and_then(Value::as_str) == Some("qwen2");
+        let model_type = raw.get("model_type").and_then(Value::as_str);
+        let (qwen2, qwen3) = (model_type == Some("qwen2"), model_type == Some("qwen3"));
         let attention_bias = flag("attention_bias", false);
         Ok(Shape {
             vocab: required("vocab_size")?,
@@ -92,11 +95,13 @@ impl Shape {
             layers: required("num_hidden_layers")?,
             heads,
             kv_heads: int("num_key_value_heads")?.unwrap_or(heads),
-            head_dim: int("head_dim")?.unwrap_or(hidden / heads),
+            // Qwen3Config's class default is 128.
+            head_dim: int("head_dim")?.unwrap_or(if qwen3 { 128 } else { hidden / heads }),
             tied: flag("tie_word_embeddings", false),
             qkv_bias: attention_bias || qwen2,
             o_bias: attention_bias && !qwen2,
             mlp_bias: flag("mlp_bias", false),
+            qk_norm: qwen3,
         })
     }
 
@@ -108,7 +113,7 @@ impl Shape {
         let attention =
             h * q + 2 * h * kv + q * h + bias(self.qkv_bias, q + 2 * kv) + bias(self.o_bias, h);
         let mlp = 3 * h * i + bias(self.mlp_bias, 2 * i + h);
-        let layer = attention + mlp + 2 * h;
+        let layer = attention + mlp + 2 * h + bias(self.qk_norm, 2 * self.head_dim);
         let embeddings = self.vocab * h * if self.tied { 1 } else { 2 };
         embeddings + self.layers * layer + h
     }

@@ -18,6 +18,7 @@ const CASES: &[&str] = &[
     "llama_tied_bias_bf16",
     "mistral_window_head_dim",
     "qwen2_bias_tied",
+    "qwen3_qk_norm",
 ];
 
 struct Case {

@@ -33,6 +33,14 @@ fn parameter_counts_match_published_models() {
         Shape::from_json(&qwen25_05b).unwrap().parameters(),
         494_032_768
     );
+    // Qwen3: per-head q/k norms, head_dim 128 (its class default) wider than hidden / heads.
+    let qwen3_06b = json!({"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
+        "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "tie_word_embeddings": true});
+    assert_eq!(
+        Shape::from_json(&qwen3_06b).unwrap().parameters(),
+        596_049_920
+    );
 }
 
 #[test]

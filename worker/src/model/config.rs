@@ -14,6 +14,9 @@ pub enum Family {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen2's layout with an RMSNorm over each query and key head before RoPE, and no biases
+    /// unless `attention_bias`.
+    Qwen3,
 }
 
 impl Family {
@@ -22,6 +25,7 @@ impl Family {
             Family::Llama => "llama",
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
         }
     }
 }
@@ -64,6 +68,9 @@ pub struct ModelConfig {
     /// Bias on the output projection (Llama with `attention_bias`).
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// Qwen3: RMSNorm (weights `q_norm`, `k_norm`, head_dim wide) over each query and key head
+    /// before the rotary embedding.
+    pub qk_norm: bool,
     /// Mistral: each token attends to at most this many tokens (itself included).
     pub sliding_window: Option<i64>,
     /// The dtype the checkpoint says its weights are stored in.
@@ -207,19 +214,22 @@ impl ModelConfig {
             "llama" => Family::Llama,
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
             other => {
                 return Err(f.err(
                     "model_type",
-                    format!("`{other}` is not supported; supported: llama, mistral, qwen2"),
+                    format!("`{other}` is not supported; supported: llama, mistral, qwen2, qwen3"),
                 ))
             }
         };
         let hidden_size = f.required_int("hidden_size")?;
         let num_attention_heads = f.required_int("num_attention_heads")?;
         let num_key_value_heads = f.int("num_key_value_heads")?.unwrap_or(num_attention_heads);
-        let head_dim = f
-            .int("head_dim")?
-            .unwrap_or(hidden_size / num_attention_heads);
+        // Qwen3Config's class default is 128, not hidden_size / heads.
+        let head_dim = f.int("head_dim")?.unwrap_or(match family {
+            Family::Qwen3 => 128,
+            _ => hidden_size / num_attention_heads,
+        });
         if num_key_value_heads <= 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(f.err(
                 "num_key_value_heads",
@@ -257,6 +267,7 @@ impl ModelConfig {
                 f.boolean("mlp_bias", false)?,
             ),
             Family::Qwen2 => (true, false, false),
+            Family::Qwen3 => (attention_bias, attention_bias, false),
             Family::Mistral => (false, false, false),
         };
         let sliding_window = match family {
@@ -266,7 +277,7 @@ impl ModelConfig {
                 Some(Value::Null) => None,
                 Some(_) => f.int("sliding_window")?,
             },
-            Family::Qwen2 => {
+            Family::Qwen2 | Family::Qwen3 => {
                 let layer_types_sliding = raw
                     .get("layer_types")
                     .and_then(Value::as_array)
@@ -274,9 +285,11 @@ impl ModelConfig {
                 if f.boolean("use_sliding_window", false)? || layer_types_sliding {
                     return Err(f.err(
                         "use_sliding_window",
-                        "Qwen2's per-layer sliding-window attention is not supported; set it \
-                         to false"
-                            .into(),
+                        format!(
+                            "{}'s per-layer sliding-window attention is not supported; set it \
+                             to false",
+                            family.model_type()
+                        ),
                     ));
                 }
                 None
@@ -318,6 +331,7 @@ impl ModelConfig {
             initializer_range: f.float("initializer_range")?.unwrap_or(0.02),
             qkv_bias,
             o_bias,
+            qk_norm: family == Family::Qwen3,
             mlp_bias,
             sliding_window,
             dtype,

@@ -105,6 +105,8 @@ struct Attention {
     k_proj: nn::Linear,
     v_proj: nn::Linear,
     o_proj: nn::Linear,
+    /// Qwen3: per-head RMSNorm of queries and keys before RoPE.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     n_heads: i64,
     n_kv_heads: i64,
     head_dim: i64,
@@ -120,6 +122,12 @@ impl Attention {
             k_proj: linear(&vs / "k_proj", h, nkv * hd, std, cfg.qkv_bias),
             v_proj: linear(&vs / "v_proj", h, nkv * hd, std, cfg.qkv_bias),
             o_proj: linear(&vs / "o_proj", nh * hd, h, std, cfg.o_bias),
+            qk_norm: cfg.qk_norm.then(|| {
+                (
+                    RmsNorm::new(&vs / "q_norm", hd, cfg.rms_norm_eps),
+                    RmsNorm::new(&vs / "k_norm", hd, cfg.rms_norm_eps),
+                )
+            }),
             n_heads: nh,
             n_kv_heads: nkv,
             head_dim: hd,
@@ -138,8 +146,16 @@ impl Attention {
         let (b, s, _) = x.size3().expect("activations are (batch, seq, hidden)");
         let heads = |t: Tensor, n: i64| t.view([b, s, n, self.head_dim]).transpose(1, 2);
         // (batch, n_heads, seq, head_dim)
-        let q = rope::apply(&heads(self.q_proj.forward(x), self.n_heads), cos, sin);
-        let mut k = rope::apply(&heads(self.k_proj.forward(x), self.n_kv_heads), cos, sin);
+        let (mut q, mut k) = (
+            heads(self.q_proj.forward(x), self.n_heads),
+            heads(self.k_proj.forward(x), self.n_kv_heads),
+        );
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            // Over head_dim, the last axis: each head's vector on its own.
+            (q, k) = (q_norm.forward(&q), k_norm.forward(&k));
+        }
+        let q = rope::apply(&q, cos, sin);
+        let mut k = rope::apply(&k, cos, sin);
         let mut v = heads(self.v_proj.forward(x), self.n_kv_heads);
         if let Some(slot) = cache {
             if let Some((past_k, past_v)) = slot.take() {

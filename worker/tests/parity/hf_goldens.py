@@ -44,6 +44,12 @@ CASES = {
         cls="Qwen2Config", save=dict(),
         config=dict(COMMON, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
                     rope_theta=1000000.0)),
+    # Qwen3: per-head RMSNorm of queries and keys before RoPE, explicit head_dim, no biases,
+    # separate head.
+    "qwen3_qk_norm": dict(
+        cls="Qwen3Config", save=dict(),
+        config=dict(COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    rope_theta=1000000.0, tie_word_embeddings=False)),
     # Mistral: sliding window shorter than the sequence, explicit head_dim != hidden/heads.
     "mistral_window_head_dim": dict(
         cls="MistralConfig", save=dict(),
