@@ -38,8 +38,14 @@ pub struct ComputeCopy {
 impl ComputeCopy {
     pub fn new(master: &LoadedModel, kind: Kind) -> Self {
         let mut vs = nn::VarStore::new(master.vs.device());
-        let model = Llama::new(&vs.root(), &master.config);
+        // Made in `kind` and as zeros (initializer_range 0 draws nothing), then cast from the
+        // masters below: a random fp32 init first would briefly cost a whole fp32 model more.
         vs.set_kind(kind);
+        let config = crate::model::ModelConfig {
+            initializer_range: 0.0,
+            ..master.config.clone()
+        };
+        let model = Llama::new(&vs.root(), &config);
         let compute = vs.variables();
         let pairs = master
             .named_parameters()

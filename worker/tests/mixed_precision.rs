@@ -107,3 +107,25 @@ fn masters_keep_updates_that_bf16_weights_round_away() {
     // ...and the cast of the masters has moved too: the compute copy sees the progress.
     assert!(!w32.to_kind(Kind::BFloat16).equal(&w16));
 }
+
+/// The compute copy is made in bf16 and cast from the masters: nothing is drawn for it (a
+/// random fp32 init first would cost a whole fp32 model more, briefly), and it equals the
+/// cast masters from the start.
+#[test]
+fn the_compute_copy_is_cast_never_drawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    tch::manual_seed(11);
+    let compute = ComputeCopy::new(&m, Kind::BFloat16);
+    let after_copy = Tensor::randn([4], (Kind::Float, Device::Cpu));
+    tch::manual_seed(11);
+    let untouched = Tensor::randn([4], (Kind::Float, Device::Cpu));
+    assert!(
+        after_copy.equal(&untouched),
+        "making the compute copy drew random numbers"
+    );
+    for ((_, master), copy) in m.named_parameters().iter().zip(compute.model_parameters()) {
+        assert_eq!(copy.kind(), Kind::BFloat16);
+        assert!(copy.equal(&master.to_kind(Kind::BFloat16)));
+    }
+}
