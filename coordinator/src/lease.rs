@@ -456,10 +456,14 @@ mod tests {
         let lease = Lease::acquire_or_wait(&dir, "tiny", timeout, |_| told = true).unwrap();
         assert!(told && started.elapsed() >= Duration::from_millis(1500));
         assert_eq!(lease.epoch(), 2);
+        lease.release();
 
-        // A live holder renews while watched: refused.
+        // A live holder renews while watched: refused. (Its lease lasts 10 s, so that only a
+        // renewal stalled that long, not a busy machine, could make it look dead.)
+        let mut live = owner("live-pod", now_unix_ms());
+        live.job = "tiny".into();
+        let lease = Lease::acquire_as(&dir, live, Duration::from_secs(10), now_unix_ms()).unwrap();
         let renewer = std::thread::spawn({
-            let lease = lease;
             move || {
                 for _ in 0..8 {
                     std::thread::sleep(Duration::from_millis(250));
