@@ -6,13 +6,15 @@
 # into OUT as soon as it exists, so a run cut short keeps what it measured:
 #   summary.txt       one line per check
 #   gpu-tests.log     NCCL at world size 1, abort, CUDA vs CPU fine-tune, goldens on CUDA
-#   job-cuda.log, job-cpu.log, job-compare.txt
-#                     the tiny example through coordinator + worker on 1 GPU (NCCL) and on CPU
+#   job-cuda.log, job-cpu.log, job-cuda-zero2.log, job-cuda-bf16-zero1.log, job-compare.txt
+#                     the tiny example through coordinator + worker on 1 GPU (NCCL) and on CPU,
+#                     and on the GPU at ZeRO stage 2 (fp32) and stage 1 (bf16 compute)
 #   results.json, results.md
 #                     training-step figures against PyTorch eager (bench/gpu_bench.py)
 #
 # usage: bash bench/gpu.sh [OUT]      (default: $OUT, else target/gpu-results)
 #        QUICK=1 bash bench/gpu.sh    (short benchmark steps)
+#        ROUNDS=1 bash bench/gpu.sh   (benchmark rounds; default 2)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 kit=${FERROTUNE_GPU_KIT:-$root/target/gpu-kit}
@@ -52,35 +54,51 @@ FERROTUNE_GPU_TESTS=1 FERROTUNE_GOLDENS="$kit/goldens" timeout 600 \
 note "gpu tests: exit $? ($(grep -E '^test result' "$out/gpu-tests.log" | tail -1))"
 
 # The tiny example through coordinator and worker, 10 steps, a checkpoint at step 5: on the GPU
-# (device auto resolves to cuda, collective to NCCL) and on the CPU, same worker binary.
-for device in cuda cpu; do
+# (device auto resolves to cuda, collective to NCCL) and on the CPU, same worker binary; then on
+# the GPU at zero_stage 2 (NCCL reduce-scatter, in-place all-gather, the moments broadcast to
+# rank 0 at each checkpoint) and at zero_stage 1 under bf16 (sharded fp32 masters, the bf16
+# weights all-gathered as f32 words).
+tiny_job() {  # name device zero_stage precision
+  local job
   job=$(mktemp -d)
   cp -r "$root/examples/tiny/." "$job/"
   rm -rf "$job/runs"
-  sed -i -e "s/^  world_size: 2/  world_size: 1\n  device: $device\n  worker_binary: ${kit//\//\\/}\/bin\/worker/" \
+  sed -i -e "s/^  world_size: 2/  world_size: 1\n  device: $2\n  worker_binary: ${kit//\//\\/}\/bin\/worker/" \
     -e 's/^  steps: 60/  steps: 10/' -e 's/^  log_every_steps: 5/  log_every_steps: 1/' \
-    -e 's/^  every_steps: 30/  every_steps: 5/' "$job/cluster.yaml"
-  timeout 300 "$kit/bin/coordinator" launch "$job/cluster.yaml" > "$out/job-$device.log" 2>&1
-  note "tiny job on $device: exit $? ($(grep -c 'committed' "$out/job-$device.log") checkpoints committed; $(grep -o 'training starts.*' "$out/job-$device.log" | head -1))"
+    -e 's/^  every_steps: 30/  every_steps: 5/' -e "s/^training:/training:\n  zero_stage: $3/" \
+    -e "s/^model:/model:\n  precision: $4/" "$job/cluster.yaml"
+  timeout 300 "$kit/bin/coordinator" launch "$job/cluster.yaml" > "$out/job-$1.log" 2>&1
+  note "tiny job $1: exit $? ($(grep -c 'committed' "$out/job-$1.log") checkpoints committed; $(grep -o 'training starts.*' "$out/job-$1.log" | head -1))"
   rm -rf "$job"
-done
+}
+tiny_job cuda cuda 0 fp32
+tiny_job cpu cpu 0 fp32
+tiny_job cuda-zero2 cuda 2 fp32
+tiny_job cuda-bf16-zero1 cuda 1 bf16
 "$python" - "$out" <<'EOF' | tee "$out/job-compare.txt" | tee -a "$summary"
 import re, sys
 def losses(path):
     return [float(m.group(1)) for m in re.finditer(r"step\s+\d+/\d+ \| loss (\S+)", open(path).read())]
 out = sys.argv[1]
+def compare(what, a, b, bound):
+    worst = max((abs(x - y) / abs(y) for x, y in zip(a, b)), default=float("nan"))
+    ok = len(a) == len(b) == 10 and worst <= bound
+    print(f"tiny job losses {what}: {'OK' if ok else 'MISMATCH'} (worst relative difference {worst:.2e})")
+    print(f"  {a}\n  {b}")
 cuda, cpu = losses(f"{out}/job-cuda.log"), losses(f"{out}/job-cpu.log")
 # Losses print with 4 decimals; fp32 on both devices (no TF32): within 2e-3 relative.
-worst = max((abs(a - b) / abs(b) for a, b in zip(cuda, cpu)), default=float("nan"))
-ok = len(cuda) == len(cpu) == 10 and worst <= 2e-3
-print(f"tiny job losses cuda vs cpu: {'OK' if ok else 'MISMATCH'} (worst relative difference {worst:.2e})")
-print(f"  cuda {cuda}\n  cpu  {cpu}")
+compare("cuda vs cpu", cuda, cpu, 2e-3)
+# The same device and data: ZeRO changes only the clipping norm's summation order.
+compare("cuda zero_stage 2 vs 0", losses(f"{out}/job-cuda-zero2.log"), cuda, 2e-3)
+# bf16 compute against fp32: close, not equal.
+compare("cuda bf16 zero_stage 1 vs fp32 stage 0", losses(f"{out}/job-cuda-bf16-zero1.log"), cuda, 5e-2)
 EOF
 
 # (b) performance, against PyTorch eager in the same run.
 quick=()
 [ "${QUICK:-0}" = 1 ] && quick=(--quick)
 "$python" "$root/bench/gpu_bench.py" --train-step "$kit/bin/train-step" --out "$out" "${quick[@]}" \
+  --rounds "${ROUNDS:-2}" \
   2>&1 | tee "$out/bench.log"
 note "benchmark: exit ${PIPESTATUS[0]} (results.md)"
 cat "$out/results.md" 2>/dev/null
