@@ -1,6 +1,7 @@
 //! GPU checks, run only with FERROTUNE_GPU_TESTS=1 (bench/gpu.sh runs them on a lent GPU
 //! machine): NCCL collectives at world size 1 on awkward sizes, abort without a hang, a tiny
-//! fine-tune on CUDA against the same steps on the CPU, and the Hugging Face goldens on CUDA.
+//! fine-tune on CUDA against the same steps on the CPU (ZeRO stages 0, 1 and 2, fp32 and bf16),
+//! and the Hugging Face goldens on CUDA.
 //!
 //! One GPU cannot hold two NCCL ranks (NCCL refuses two ranks on one device), so multi-rank
 //! correctness rests on these world-size-1 checks (pointers, counts, dtypes, streams, packing)
@@ -14,11 +15,11 @@ mod common;
 
 use ferrotune_worker::collective::nccl::{self, Nccl, NcclOptions};
 use ferrotune_worker::collective::{Collective, CollectiveError, ReduceOp};
-use ferrotune_worker::grads::FlatGrads;
 use ferrotune_worker::model::io::{LoadedModel, SaveOptions};
 use ferrotune_worker::model::DType;
-use ferrotune_worker::optim::{scale_and_clip, AdamW, AdamWConfig};
+use ferrotune_worker::optim::AdamWConfig;
 use ferrotune_worker::precision::ComputeCopy;
+use ferrotune_worker::zero::{Stage, Updater};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -157,9 +158,11 @@ fn small_model(dir: &std::path::Path) {
     m.save_weights(dir, &options).unwrap();
 }
 
-/// Losses of 10 clipped AdamW steps on fixed batches, through the trainer's pieces: flat
-/// gradients, the collective (NCCL on CUDA), clipping, AdamW, and a bf16 compute copy.
-fn losses(dir: &std::path::Path, device: Device, bf16: bool) -> Vec<f64> {
+/// Losses of 10 clipped AdamW steps on one fixed batch (which the model can learn: random
+/// batches of random tokens have nothing to learn beyond their unigram loss), through the
+/// trainer's update (`zero::Updater`: flat gradients, the collective, NCCL on CUDA, clipping,
+/// AdamW at a ZeRO stage, a bf16 compute copy).
+fn losses(dir: &std::path::Path, device: Device, bf16: bool, stage: Stage) -> Vec<f64> {
     let m = LoadedModel::load(dir, false, device).unwrap();
     let config = AdamWConfig {
         beta1: 0.9,
@@ -167,39 +170,26 @@ fn losses(dir: &std::path::Path, device: Device, bf16: bool) -> Vec<f64> {
         eps: 1e-8,
         weight_decay: 0.1,
     };
-    let mut opt = AdamW::new(m.named_parameters(), config);
     let compute = bf16.then(|| ComputeCopy::new(&m, Kind::BFloat16));
-    let flat = FlatGrads::new(&opt.parameters());
+    let mut updater = Updater::new(stage, m.named_parameters(), compute.as_ref(), config, 0, 1);
     let mut comm: Box<dyn Collective> = match device {
         Device::Cpu => Box::new(ferrotune_worker::collective::SingleProcess),
         _ => Box::new(communicator(Arc::default())),
     };
     tch::manual_seed(9);
-    let data = Tensor::randint(97, [10, 4, 33], (Kind::Int64, Device::Cpu));
+    let ids = Tensor::randint(97, [4, 33], (Kind::Int64, Device::Cpu)).to_device(device);
+    let (x, y) = (ids.narrow(1, 0, 32), ids.narrow(1, 1, 32));
     let mut out = Vec::new();
-    for step in 0..10 {
-        let ids = data.get(step).to_device(device);
-        let (x, y) = (ids.narrow(1, 0, 32), ids.narrow(1, 1, 32));
+    for _ in 0..10 {
         let net = compute.as_ref().map_or(&m.model, |c| &c.model);
         let (loss_sum, count) = net.loss_sum(&x, &y);
-        out.push(loss_sum.double_value(&[]) / count as f64);
+        let value = loss_sum.double_value(&[]);
+        out.push(value / count as f64);
         loss_sum.backward();
-        let mut grads = match &compute {
-            Some(c) => flat.upcast_from(c),
-            None => flat.adopt(&opt.parameters()).unwrap(),
-        };
-        let mut scalars = [count as f64];
-        comm.all_reduce_with_scalars(&mut grads, &mut scalars, ReduceOp::Sum)
+        let mut scalars = [value, count as f64, count as f64];
+        updater
+            .reduce_and_step(compute.as_ref(), &mut scalars, 1e-2, 0.5, comm.as_mut())
             .unwrap();
-        scale_and_clip(&grads, 1.0 / scalars[0], 0.5);
-        match &compute {
-            Some(c) => {
-                opt.step_with(1e-2, &grads);
-                c.sync();
-            }
-            None => opt.step(1e-2),
-        }
-        opt.zero_grad();
     }
     out
 }
@@ -211,16 +201,22 @@ fn a_tiny_fine_tune_on_cuda_tracks_the_same_steps_on_the_cpu() {
     }
     let dir = tempfile::tempdir().unwrap();
     small_model(dir.path());
-    for (bf16, bound) in [(false, 1e-4), (true, 2e-2)] {
-        let cpu = losses(dir.path(), Device::Cpu, bf16);
-        let cuda = losses(dir.path(), CUDA, bf16);
-        eprintln!("bf16={bf16}\n  cpu  {cpu:?}\n  cuda {cuda:?}");
+    let runs = [
+        (false, Stage::Zero, 1e-4),
+        (true, Stage::Zero, 2e-2),
+        (false, Stage::Two, 1e-4),
+        (true, Stage::One, 2e-2),
+    ];
+    for (bf16, stage, bound) in runs {
+        let cpu = losses(dir.path(), Device::Cpu, bf16, stage);
+        let cuda = losses(dir.path(), CUDA, bf16, stage);
+        eprintln!("bf16={bf16} {stage:?}\n  cpu  {cpu:?}\n  cuda {cuda:?}");
         assert!(cpu[9] < cpu[0] * 0.9, "the CPU run learns: {cpu:?}");
         for (step, (a, b)) in cpu.iter().zip(&cuda).enumerate() {
             let rel = (a - b).abs() / a.abs();
             assert!(
                 rel <= bound,
-                "bf16={bf16} step {step}: cpu {a} cuda {b} ({rel:.2e} > {bound:.0e})"
+                "bf16={bf16} {stage:?} step {step}: cpu {a} cuda {b} ({rel:.2e} > {bound:.0e})"
             );
         }
     }
