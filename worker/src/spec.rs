@@ -65,7 +65,7 @@ pub struct TrainSpec {
     pub grad_clip: f64,
     pub micro_batch_size: usize,
     pub grad_accum_steps: usize,
-    /// How optimizer state and gradients are split across the ranks (zero.rs).
+    /// How optimizer state and gradients are split across the ranks (zero/).
     pub zero_stage: crate::zero::Stage,
     pub checkpoint_dir: PathBuf,
     pub checkpoint_every_steps: u64,

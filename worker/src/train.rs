@@ -1,6 +1,6 @@
 //! The one training loop, top to bottom: evaluate the base model, then per optimizer step
 //! LR → micro-steps (forward, backward) → reduce gradients, clip, AdamW (at the job's ZeRO
-//! stage: zero.rs) → report → checkpoint; evaluate again; write the final checkpoint.
+//! stage: zero/) → report → checkpoint; evaluate again; write the final checkpoint.
 //!
 //! Data parallelism lives only here: the model is single-device code, the collective is a trait.
 
@@ -300,7 +300,7 @@ pub fn run(
         }
     };
 
-    // Gradient reduction, clipping and AdamW at the configured ZeRO stage (zero.rs).
+    // Gradient reduction, clipping and AdamW at the configured ZeRO stage (zero/).
     let mut updater = Updater::new(
         spec.zero_stage,
         model.named_parameters(),

@@ -179,7 +179,7 @@ pub struct JobConfig {
     /// "fp32", or "bf16": bf16 compute weights with fp32 master weights and optimizer state.
     pub precision: String,
     /// 0: every rank keeps the whole optimizer state; 1: each keeps its 1/world_size shard of
-    /// the AdamW moments; 2: gradients are reduce-scattered as well (worker/src/zero.rs).
+    /// the AdamW moments; 2: gradients are reduce-scattered as well (worker/src/zero/).
     pub zero_stage: u32,
     /// Set by `launch --resume`, not by cluster.yaml: the committed checkpoint to continue.
     pub resume: Option<Resume>,
