@@ -37,8 +37,8 @@ enum Optimizer {
     Replicated(AdamW),
     Sharded {
         adamw: ShardedAdamW,
-        stage: Stage,
-        /// Stage 2: this rank's chunk of the reduced gradient.
+        /// Stage 2: this rank's chunk of the reduced gradient, which the gradients are
+        /// reduce-scattered into (stage 1 all-reduces them).
         grad_chunk: Option<Tensor>,
     },
 }
@@ -83,11 +83,7 @@ impl Updater {
                 let grad_chunk = (stage == Stage::Two).then(|| {
                     Tensor::zeros([adamw.shard.chunk as i64], (Kind::Float, grads.device()))
                 });
-                Optimizer::Sharded {
-                    adamw,
-                    stage,
-                    grad_chunk,
-                }
+                Optimizer::Sharded { adamw, grad_chunk }
             }
         };
         Updater {
@@ -155,11 +151,7 @@ impl Updater {
                 }
                 norm
             }
-            Optimizer::Sharded {
-                adamw,
-                stage,
-                grad_chunk,
-            } => {
+            Optimizer::Sharded { adamw, grad_chunk } => {
                 // A parameter without gradient counts as a zero gradient here (as in DeepSpeed's
                 // flat buffers): its weight still decays.
                 match compute {
@@ -170,14 +162,14 @@ impl Updater {
                 }
                 let mut flat = self.grads.flat();
                 let shard = adamw.shard;
-                let grad = match (stage, grad_chunk) {
-                    (Stage::Two, Some(out)) => {
+                let grad = match grad_chunk {
+                    Some(out) => {
                         collective.reduce_scatter(&mut flat, out, ReduceOp::Sum)?;
                         (self.last_gradient_bytes, self.last_reduce_seconds) = traffic(collective);
                         collective.all_reduce_scalars(scalars, ReduceOp::Sum)?;
                         out.shallow_clone()
                     }
-                    _ => {
+                    None => {
                         collective.all_reduce_with_scalars(
                             std::slice::from_mut(&mut flat),
                             scalars,

@@ -62,17 +62,27 @@ struct Segment {
 
 /// The pieces of the parameters (element counts in flat order) that fall into `shard`.
 fn segments(sizes: &[(usize, bool)], shard: &Shard) -> Vec<Segment> {
+    let counts: Vec<usize> = sizes.iter().map(|&(n, _)| n).collect();
+    pieces(&counts, shard)
+        .into_iter()
+        .map(|(i, _, at, len)| Segment {
+            at,
+            len,
+            decay: sizes[i].1,
+        })
+        .collect()
+}
+
+/// For every piece of a parameter (element counts in flat order) inside `shard`: (parameter
+/// index, start inside the parameter, start inside the chunk, length).
+fn pieces(sizes: &[usize], shard: &Shard) -> Vec<(usize, i64, i64, i64)> {
     let (lo, hi) = (shard.offset(), shard.offset() + shard.len());
     let mut out = Vec::new();
     let mut start = 0;
-    for &(n, decay) in sizes {
+    for (i, &n) in sizes.iter().enumerate() {
         let (a, b) = (start.max(lo), (start + n).min(hi));
         if a < b {
-            out.push(Segment {
-                at: (a - lo) as i64,
-                len: (b - a) as i64,
-                decay,
-            });
+            out.push((i, (a - start) as i64, (a - lo) as i64, (b - a) as i64));
         }
         start += n;
     }
@@ -131,19 +141,12 @@ pub struct ShardedAdamW {
     gathered: Option<Gathered>,
 }
 
-/// For every piece of a parameter inside `shard`: (parameter index, start inside the
-/// parameter, start inside the chunk, length).
-fn pieces(layout: &[(String, Vec<i64>, usize)], shard: &Shard) -> Vec<(usize, i64, i64, i64)> {
-    let (lo, hi) = (shard.offset(), shard.offset() + shard.len());
-    let mut out = Vec::new();
-    for (i, (_, shape, offset)) in layout.iter().enumerate() {
-        let n = shape.iter().product::<i64>() as usize;
-        let (a, b) = ((*offset).max(lo), (offset + n).min(hi));
-        if a < b {
-            out.push((i, (a - offset) as i64, (a - lo) as i64, (b - a) as i64));
-        }
-    }
-    out
+/// Element counts of the parameters of a layout, in order.
+fn sizes_of(layout: &[(String, Vec<i64>, usize)]) -> Vec<usize> {
+    layout
+        .iter()
+        .map(|(_, shape, _)| shape.iter().product::<i64>() as usize)
+        .collect()
 }
 
 impl ShardedAdamW {
@@ -176,7 +179,7 @@ impl ShardedAdamW {
             Some(c) => {
                 let chunk = Tensor::zeros([shard.chunk as i64], (Kind::Float, device));
                 tch::no_grad(|| {
-                    for (i, from, at, len) in pieces(&layout, &shard) {
+                    for (i, from, at, len) in pieces(&sizes_of(&layout), &shard) {
                         let piece = tensors[i].reshape([-1]).narrow(0, from, len);
                         chunk.narrow(0, at, len).copy_(&piece);
                     }
@@ -348,10 +351,10 @@ impl OptimizerState for ShardedAdamW {
     /// Takes this rank's chunk out of moments saved per parameter (by any stage, at any world
     /// size): that is all re-sharding needs.
     fn load_state(&mut self, mut saved: HashMap<String, Tensor>, step: u64) -> Result<(), String> {
-        let (lo, hi) = (self.shard.offset(), self.shard.offset() + self.shard.len());
-        for (name, shape, offset) in &self.layout {
-            let n: usize = shape.iter().product::<i64>() as usize;
-            for (prefix, moment) in [("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq)] {
+        // Every moment of every parameter must be there (whichever this rank's chunk touches).
+        let mut moments = Vec::with_capacity(self.layout.len());
+        for (name, shape, _) in &self.layout {
+            let mut take = |prefix: &str| {
                 let key = format!("{prefix}.{name}");
                 let t = saved
                     .remove(&key)
@@ -363,19 +366,21 @@ impl OptimizerState for ShardedAdamW {
                         t.size()
                     ));
                 }
-                let (a, b) = ((*offset).max(lo), (offset + n).min(hi));
-                if a < b {
-                    let piece = t
-                        .reshape([-1])
-                        .narrow(0, (a - offset) as i64, (b - a) as i64);
-                    tch::no_grad(|| {
-                        moment
-                            .narrow(0, (a - lo) as i64, (b - a) as i64)
-                            .copy_(&piece)
-                    });
-                }
-            }
+                Ok(t.reshape([-1]))
+            };
+            moments.push((take("exp_avg")?, take("exp_avg_sq")?));
         }
+        tch::no_grad(|| {
+            for (i, from, at, len) in pieces(&sizes_of(&self.layout), &self.shard) {
+                let (avg, avg_sq) = &moments[i];
+                self.exp_avg
+                    .narrow(0, at, len)
+                    .copy_(&avg.narrow(0, from, len));
+                self.exp_avg_sq
+                    .narrow(0, at, len)
+                    .copy_(&avg_sq.narrow(0, from, len));
+            }
+        });
         if let Some(extra) = saved.keys().next() {
             return Err(format!("`{extra}` belongs to no parameter of this model"));
         }
