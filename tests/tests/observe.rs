@@ -49,10 +49,25 @@ fn metrics_status_and_history_agree_with_the_step_lines() {
 
     let scraped: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let scrapes = scraped["scrapes"].as_array().unwrap();
+    let state = |s: &Value, name: &str| {
+        s["samples"][format!("ferrotune_job_state{{job=tiny-incidents,state={name}}}")].as_f64()
+    };
+    // Scrapes between the first step and the end of training (the endpoint also answers while
+    // the job writes its report after "succeeded": those scrapes are checked below).
     let training: Vec<&Value> = scrapes
         .iter()
         .filter(|s| s["samples"][format!("ferrotune_step{JOB}")].as_f64() > Some(0.0))
+        .filter(|s| state(s, "training") == Some(1.0))
         .collect();
+    for s in scrapes
+        .iter()
+        .filter(|s| state(s, "succeeded") == Some(1.0))
+    {
+        assert_eq!(
+            s["samples"][format!("ferrotune_step{JOB}")].as_f64(),
+            Some(60.0)
+        );
+    }
     assert!(
         training.len() >= 5,
         "only {} scrapes during training",
@@ -103,10 +118,15 @@ fn metrics_status_and_history_agree_with_the_step_lines() {
             samples[format!("ferrotune_total_steps{JOB}")].as_f64(),
             Some(60.0)
         );
-        assert_eq!(
-            samples["ferrotune_job_state{job=tiny-incidents,state=training}"].as_f64(),
-            Some(1.0)
-        );
+        for other in [
+            "starting",
+            "rendezvous",
+            "restarting",
+            "succeeded",
+            "failed",
+        ] {
+            assert_eq!(state(s, other), Some(0.0), "{other} while training");
+        }
         for rank in 0..2 {
             let age = &samples
                 [format!("ferrotune_heartbeat_age_seconds{{job=tiny-incidents,rank={rank}}}")];
