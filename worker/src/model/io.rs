@@ -145,33 +145,50 @@ pub(crate) fn with_mapped_tensors<R>(
     path: &Path,
     f: impl FnOnce(HashMap<String, Tensor>) -> R,
 ) -> Result<R, ModelError> {
+    // By this function's contract `f` copies out of the tensors and returns none of them (its
+    // callers return a Result of plain data), so none outlives the map.
+    with_safetensors(path, |st| {
+        let mut tensors = HashMap::new();
+        for (name, view) in st.iter() {
+            let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| {
+                weights_err(
+                    path,
+                    format!("tensor `{name}` is stored as {:?}", view.dtype()),
+                )
+            })?;
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            let tensor = mapped_tensor(view.data(), &shape, dtype)
+                .map_err(|e| weights_err(path, format!("tensor `{name}`: {e}")))?;
+            tensors.insert(name.to_string(), tensor);
+        }
+        Ok(f(tensors))
+    })
+}
+
+/// Calls `f` with the safetensors file `path`, memory-mapped and parsed; the map ends when `f`
+/// returns.
+fn with_safetensors<R>(
+    path: &Path,
+    f: impl FnOnce(&safetensors::SafeTensors) -> Result<R, ModelError>,
+) -> Result<R, ModelError> {
     let handle = std::fs::File::open(path).map_err(|source| ModelError::Read {
         path: path.display().to_string(),
         source,
     })?;
-    // SAFETY: read-only, and unmapped when this function returns; by this function's contract
-    // `f` copies out of the tensors and returns none of them (its callers return a Result of
-    // plain data). Checkpoints are never rewritten in place.
+    // SAFETY: the map is read-only and lives only inside this call; a checkpoint being
+    // rewritten underneath a reader is outside the contract (commits are by rename into new
+    // directories).
     let mmap = unsafe { memmap2::Mmap::map(&handle) }.map_err(|source| ModelError::Read {
         path: path.display().to_string(),
         source,
     })?;
-    let st = safetensors::SafeTensors::deserialize(&mmap)
-        .map_err(|e| weights_err(path, format!("not a valid safetensors file: {e}")))?;
-    let mut tensors = HashMap::new();
-    for (name, view) in st.iter() {
-        let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| {
-            weights_err(
-                path,
-                format!("tensor `{name}` is stored as {:?}", view.dtype()),
-            )
-        })?;
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let tensor = mapped_tensor(view.data(), &shape, dtype)
-            .map_err(|e| weights_err(path, format!("tensor `{name}`: {e}")))?;
-        tensors.insert(name.to_string(), tensor);
-    }
-    Ok(f(tensors))
+    let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+        weights_err(
+            path,
+            format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+        )
+    })?;
+    f(&st)
 }
 
 /// Names that checkpoints carry but the model recomputes or shares: skipped on load.
@@ -215,69 +232,54 @@ impl LoadedModel {
         let vars = self.vs.variables();
         let mut seen = BTreeSet::new();
         for file in files {
-            let handle = std::fs::File::open(file).map_err(|source| ModelError::Read {
-                path: file.display().to_string(),
-                source,
-            })?;
-            // SAFETY: the map is read-only and lives only inside this loop iteration; a
-            // checkpoint being rewritten underneath a reader is outside the contract (commits
-            // are by rename into new directories).
-            let mmap =
-                unsafe { memmap2::Mmap::map(&handle) }.map_err(|source| ModelError::Read {
-                    path: file.display().to_string(),
-                    source,
-                })?;
-            let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
-                weights_err(
-                    file,
-                    format!("not a valid safetensors file (truncated or corrupt?): {e}"),
-                )
-            })?;
-            // In name order, so the first error reported is the same on every run.
-            let mut tensors: Vec<_> = st.iter().collect();
-            tensors.sort_by(|a, b| a.0.cmp(b.0));
-            for (name, view) in tensors {
-                if ignorable(name, &self.config) {
-                    continue;
+            with_safetensors(file, |st| {
+                // In name order, so the first error reported is the same on every run.
+                let mut tensors: Vec<_> = st.iter().collect();
+                tensors.sort_by(|a, b| a.0.cmp(b.0));
+                for (name, view) in tensors {
+                    if ignorable(name, &self.config) {
+                        continue;
+                    }
+                    let Some(var) = vars.get(name) else {
+                        return Err(weights_err(
+                            file,
+                            format!(
+                                "unexpected tensor `{name}`: a {} model with this config.json has \
+                                 no such parameter",
+                                self.config.family.model_type()
+                            ),
+                        ));
+                    };
+                    let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+                    if shape != var.size() {
+                        return Err(weights_err(
+                            file,
+                            format!(
+                                "tensor `{name}` has shape {shape:?}, but config.json implies {:?}",
+                                var.size()
+                            ),
+                        ));
+                    }
+                    let Some(dtype) = DType::from_safetensors(view.dtype()) else {
+                        return Err(weights_err(
+                            file,
+                            format!(
+                                "tensor `{name}` is stored as {:?}; supported: F32, BF16, F16",
+                                view.dtype()
+                            ),
+                        ));
+                    };
+                    let tensor = mapped_tensor(view.data(), &shape, dtype)
+                        .map_err(|e| weights_err(file, format!("tensor `{name}`: {e}")))?;
+                    // copy_ converts dtype and device on the way, reading straight from the map.
+                    let mut target = var.shallow_clone();
+                    target
+                        .f_copy_(&tensor)
+                        .map_err(|e| weights_err(file, format!("tensor `{name}`: {e}")))?;
+                    seen.insert(name.to_string());
                 }
-                let Some(var) = vars.get(name) else {
-                    return Err(weights_err(
-                        file,
-                        format!(
-                            "unexpected tensor `{name}`: a {} model with this config.json has \
-                             no such parameter",
-                            self.config.family.model_type()
-                        ),
-                    ));
-                };
-                let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-                if shape != var.size() {
-                    return Err(weights_err(
-                        file,
-                        format!(
-                            "tensor `{name}` has shape {shape:?}, but config.json implies {:?}",
-                            var.size()
-                        ),
-                    ));
-                }
-                let Some(dtype) = DType::from_safetensors(view.dtype()) else {
-                    return Err(weights_err(
-                        file,
-                        format!(
-                            "tensor `{name}` is stored as {:?}; supported: F32, BF16, F16",
-                            view.dtype()
-                        ),
-                    ));
-                };
-                let tensor = mapped_tensor(view.data(), &shape, dtype)
-                    .map_err(|e| weights_err(file, format!("tensor `{name}`: {e}")))?;
-                // copy_ converts dtype and device on the way, reading straight from the map.
-                let mut target = var.shallow_clone();
-                target
-                    .f_copy_(&tensor)
-                    .map_err(|e| weights_err(file, format!("tensor `{name}`: {e}")))?;
-                seen.insert(name.to_string());
-            }
+                Ok(())
+            })?;
         }
         let missing: Vec<&String> = vars.keys().filter(|n| !seen.contains(*n)).collect();
         if !missing.is_empty() {
