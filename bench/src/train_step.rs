@@ -118,11 +118,8 @@ fn main() -> anyhow::Result<()> {
         "bf16" => true,
         other => anyhow::bail!("--precision {other}: expected fp32 or bf16"),
     };
-    let stage = match args.zero_stage {
-        0 => Stage::Zero,
-        1 => Stage::One,
-        2 => Stage::Two,
-        other => anyhow::bail!("--zero-stage {other}: expected 0, 1 or 2"),
+    let Some(stage) = Stage::from_number(args.zero_stage.into()) else {
+        anyhow::bail!("--zero-stage {}: expected 0, 1 or 2", args.zero_stage);
     };
     let parameters: i64 = model
         .named_parameters()

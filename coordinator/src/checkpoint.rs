@@ -84,26 +84,53 @@ pub fn discard_staging(root: &Path, staging: &Path) {
     }
 }
 
-/// Commits `staging` as the checkpoint of `step`, whose writer reported `files`, and keeps the
-/// newest `keep` checkpoints.
+/// Commits the staging directory `main` (with the files its writer reported) as the
+/// checkpoint of `step`, once the files of the other ranks' `parts` (ZeRO: their optimizer
+/// files) are moved into it, and keeps the newest `keep` checkpoints. Every directory is
+/// checked against its report before anything moves; a refused commit leaves them all alone.
 pub fn commit(
     root: &Path,
-    staging: &Path,
+    (main, reported): (&Path, &[FileDigest]),
+    parts: &[(PathBuf, Vec<FileDigest>)],
     step: u64,
     is_final: bool,
     keep: u32,
-    files: &[FileDigest],
 ) -> Result<PathBuf, CheckpointError> {
     let root = std::fs::canonicalize(root).map_err(io("resolve", root))?;
-    let staging = std::fs::canonicalize(staging).map_err(io("resolve", staging))?;
-    let named_as_staging = staging
-        .file_name()
-        .is_some_and(|n| n.to_string_lossy().starts_with(STAGING_PREFIX));
-    if staging.parent() != Some(root.as_path()) || !named_as_staging {
-        return Err(CheckpointError::OutsideRoot { staging, root });
+    let staging = staging_of(&root, main)?;
+    let mut files = check_reported(&staging, reported)?;
+    let mut moves = Vec::new();
+    let mut part_dirs = Vec::with_capacity(parts.len());
+    for (dir, reported) in parts {
+        let dir = staging_of(&root, dir)?;
+        for f in check_reported(&dir, reported)? {
+            if files.iter().any(|g| g.path == f.path) {
+                return Err(CheckpointError::NotAsReported {
+                    path: dir.join(&f.path),
+                    problem: "is staged by two ranks".into(),
+                });
+            }
+            moves.push((dir.join(&f.path), staging.join(&f.path)));
+            files.push(f);
+        }
+        part_dirs.push(dir);
     }
-
-    let files = check_reported(&staging, files)?;
+    // The parts join the main directory by rename (same filesystem, no copy). A crash half
+    // way leaves staging directories only, which never were checkpoints.
+    let mut touched = std::collections::BTreeSet::new();
+    for (from, to) in &moves {
+        let parent = to.parent().unwrap_or(&staging);
+        std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+        std::fs::rename(from, to).map_err(io("move a part into", to))?;
+        touched.insert(parent.to_path_buf());
+    }
+    for dir in &touched {
+        sync_dir(dir)?;
+    }
+    for dir in &part_dirs {
+        std::fs::remove_dir_all(dir).map_err(io("remove", dir))?;
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
     let manifest = Manifest {
         format: manifest::FORMAT.into(),
         step,
@@ -130,6 +157,22 @@ pub fn commit(
 
     apply_retention(&root, keep, &final_dir)?;
     Ok(final_dir)
+}
+
+/// `dir`, resolved, when it is a staging directory directly under `root` (the path comes from
+/// a worker).
+fn staging_of(root: &Path, dir: &Path) -> Result<PathBuf, CheckpointError> {
+    let staging = std::fs::canonicalize(dir).map_err(io("resolve", dir))?;
+    let named_as_staging = staging
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with(STAGING_PREFIX));
+    if staging.parent() != Some(root) || !named_as_staging {
+        return Err(CheckpointError::OutsideRoot {
+            staging,
+            root: root.to_path_buf(),
+        });
+    }
+    Ok(staging)
 }
 
 /// Takes a damaged checkpoint out of the committed ones, kept for inspection: `step-N` becomes
@@ -294,7 +337,7 @@ mod tests {
         std::fs::write(staging.join("model.safetensors"), vec![7u8; 32 << 20]).unwrap();
         let files = report(&staging);
         let before = rchar();
-        let dir = commit(tmp.path(), &staging, 3, false, 2, &files).unwrap();
+        let dir = commit(tmp.path(), (&staging, &files), &[], 3, false, 2).unwrap();
         let read = rchar() - before;
         assert!(
             read < 1 << 20,
@@ -306,20 +349,20 @@ mod tests {
         let extra = stage(tmp.path(), "extra", "w");
         let files = report(&extra);
         std::fs::write(extra.join("stray.bin"), "?").unwrap();
-        let err = commit(tmp.path(), &extra, 4, false, 2, &files).unwrap_err();
+        let err = commit(tmp.path(), (&extra, &files), &[], 4, false, 2).unwrap_err();
         assert!(
             err.to_string().contains("stray.bin") && err.to_string().contains("not reported"),
             "{err}"
         );
         std::fs::remove_file(extra.join("stray.bin")).unwrap();
         std::fs::write(extra.join("model.safetensors"), "longer").unwrap();
-        let err = commit(tmp.path(), &extra, 4, false, 2, &files).unwrap_err();
+        let err = commit(tmp.path(), (&extra, &files), &[], 4, false, 2).unwrap_err();
         assert!(
             err.to_string().contains("6 bytes, its writer reported 1"),
             "{err}"
         );
         std::fs::remove_file(extra.join("model.safetensors")).unwrap();
-        let err = commit(tmp.path(), &extra, 4, false, 2, &files).unwrap_err();
+        let err = commit(tmp.path(), (&extra, &files), &[], 4, false, 2).unwrap_err();
         assert!(err.to_string().contains("is not there"), "{err}");
         assert!(
             extra.exists(),
@@ -331,7 +374,7 @@ mod tests {
     fn commit_writes_manifest_renames_and_points_latest() {
         let tmp = tempfile::tempdir().unwrap();
         let staging = stage(tmp.path(), "a", "weights");
-        let dir = commit(tmp.path(), &staging, 7, false, 2, &report(&staging)).unwrap();
+        let dir = commit(tmp.path(), (&staging, &report(&staging)), &[], 7, false, 2).unwrap();
         assert_eq!(dir.file_name().unwrap(), "step-00000007");
         assert!(!staging.exists());
         let manifest: serde_json::Value =
@@ -357,7 +400,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         for step in [1u64, 2, 3] {
             let s = stage(tmp.path(), &step.to_string(), "w");
-            commit(tmp.path(), &s, step, false, 2, &report(&s)).unwrap();
+            commit(tmp.path(), (&s, &report(&s)), &[], step, false, 2).unwrap();
         }
         // A directory that looks like a checkpoint but has no manifest is not one.
         std::fs::create_dir_all(tmp.path().join("step-00000009")).unwrap();
@@ -370,7 +413,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let elsewhere = tempfile::tempdir().unwrap();
         let staging = stage(elsewhere.path(), "x", "w");
-        let err = commit(root.path(), &staging, 1, false, 1, &report(&staging)).unwrap_err();
+        let err = commit(root.path(), (&staging, &report(&staging)), &[], 1, false, 1).unwrap_err();
         assert!(matches!(err, CheckpointError::OutsideRoot { .. }), "{err}");
         assert!(
             staging.exists(),
@@ -384,5 +427,52 @@ mod tests {
         stage(tmp.path(), "old", "w");
         assert_eq!(remove_stale_staging(tmp.path()).unwrap(), 1);
         assert!(committed(tmp.path()).is_empty());
+    }
+
+    /// A rank's part: only its optimizer file.
+    fn stage_part(root: &Path, rank: usize) -> PathBuf {
+        let dir = root.join(format!("{STAGING_PREFIX}5-r{rank}"));
+        let file = format!("training_state/optimizer-rank-{rank:05}-of-00003.safetensors");
+        std::fs::create_dir_all(dir.join("training_state")).unwrap();
+        std::fs::write(dir.join(file), format!("moments of rank {rank}")).unwrap();
+        dir
+    }
+
+    #[test]
+    fn parts_are_moved_into_rank_zeros_directory_and_all_in_the_manifest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let main = stage(tmp.path(), "5-r0", "w");
+        let parts: Vec<(PathBuf, Vec<FileDigest>)> = (1..3)
+            .map(|r| {
+                let d = stage_part(tmp.path(), r);
+                let files = report(&d);
+                (d, files)
+            })
+            .collect();
+        // Refused first (a part's file not as reported): nothing moves.
+        let mut wrong = parts.clone();
+        wrong[1].1[0].bytes += 1;
+        let err = commit(tmp.path(), (&main, &report(&main)), &wrong, 5, false, 2).unwrap_err();
+        assert!(err.to_string().contains("its writer reported"), "{err}");
+        assert!(parts.iter().all(|(d, _)| d.is_dir()) && main.is_dir());
+        // The same file staged by two ranks is refused.
+        let twice = vec![parts[0].clone(), parts[0].clone()];
+        let err = commit(tmp.path(), (&main, &report(&main)), &twice, 5, false, 2).unwrap_err();
+        assert!(err.to_string().contains("staged by two ranks"), "{err}");
+
+        let dir = commit(tmp.path(), (&main, &report(&main)), &parts, 5, false, 2).unwrap();
+        assert!(parts.iter().all(|(d, _)| !d.exists()), "parts are removed");
+        let manifest = Manifest::read(&dir).unwrap();
+        let names: Vec<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "model.safetensors",
+                "training_state/optimizer-rank-00001-of-00003.safetensors",
+                "training_state/optimizer-rank-00002-of-00003.safetensors",
+                "training_state/trainer_state.json",
+            ]
+        );
+        manifest.verify(&dir).unwrap();
     }
 }

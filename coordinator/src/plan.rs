@@ -293,42 +293,61 @@ pub fn estimate(shape: &Shape, s: &Settings) -> (WorkerPlan, WorkerPlan) {
         .filter(|t| t.name != "activations")
         .map(|t| t.bytes)
         .sum();
+    // The checkpoint snapshot, which the background write reads while training goes on: rank 0
+    // copies the fp32 weights and its moments; at zero_stage 1 and 2 every rank copies its
+    // chunk of the moments (its part of the checkpoint), and under bf16 rank 0 also gathers
+    // the masters to write the model files from.
+    let moments = if s.zero_stage == 0 {
+        8 * p
+    } else {
+        (8 * p).div_ceil(w)
+    };
+    let gathered = if s.zero_stage > 0 && s.bf16 { 4 * p } else { 0 };
+    let peak = |snapshot: u64| {
+        if s.gpu {
+            state + activations
+        } else if s.periodic_checkpoints {
+            state + activations + snapshot
+        } else {
+            state + activations.max(snapshot)
+        }
+    };
+    let place = if s.gpu { Place::Host } else { Place::Device };
+    let mut other_terms = common.clone();
+    let mut other_peak = state + activations;
+    if s.zero_stage > 0 {
+        other_terms.push(Term {
+            name: "checkpoint snapshot",
+            bytes: moments,
+            detail: format!(
+                "this rank's 1/{w} chunk of the moments, copied for the background write"
+            ),
+            place,
+        });
+        other_peak = peak(moments);
+    }
     let other = WorkerPlan {
         role: "every other rank",
-        terms: common.clone(),
-        peak_bytes: state + activations,
+        terms: other_terms,
+        peak_bytes: other_peak,
         runtime_bytes,
     };
-    // At zero_stage 1 and 2 rank 0 also keeps the moments (and bf16's masters) it gathers for
-    // the checkpoint.
-    let gathered = match (s.zero_stage, s.bf16) {
-        (0, _) => 0,
-        (_, false) => 8 * p,
-        (_, true) => 12 * p,
-    };
-    let snapshot = 12 * p + gathered;
+    let snapshot = 4 * p + moments + gathered;
     let mut writer_terms = common;
     writer_terms.push(Term {
         name: "checkpoint snapshot",
         bytes: snapshot,
-        detail: if gathered > 0 {
-            "rank 0: fp32 weights and moments copied for the background write, and the chunks gathered from every rank".into()
-        } else {
-            "rank 0: fp32 weights and moments copied for the background write".into()
+        detail: match (s.zero_stage, gathered) {
+            (0, _) => "rank 0: fp32 weights and moments copied for the background write".into(),
+            (_, 0) => format!("rank 0: fp32 weights and its 1/{w} chunk of the moments copied for the background write"),
+            _ => format!("rank 0: the fp32 masters gathered from every rank, their copy and its 1/{w} chunk of the moments for the background write"),
         },
-        place: if s.gpu { Place::Host } else { Place::Device },
+        place,
     });
-    let writer_peak = if s.gpu {
-        state + activations
-    } else if s.periodic_checkpoints {
-        state + activations + snapshot
-    } else {
-        state + activations.max(snapshot)
-    };
     let writer = WorkerPlan {
         role: "rank 0 (writes checkpoints)",
         terms: writer_terms,
-        peak_bytes: writer_peak,
+        peak_bytes: peak(snapshot),
         runtime_bytes,
     };
     (writer, other)

@@ -20,6 +20,8 @@ pub enum Reply {
     Rejected(String),
     Heartbeat(HeartbeatAnswer),
     Committed(Result<String, String>),
+    /// A part of a checkpoint, accepted; it commits when every part is in.
+    PartAccepted,
     Ack,
 }
 
@@ -341,6 +343,7 @@ impl Coordinator for Service {
             step: r.step,
             staging_dir: r.staging_dir,
             is_final: r.is_final,
+            parts: r.parts,
             timing: (r.stall_seconds, r.write_seconds),
             files: r
                 .files
@@ -353,7 +356,14 @@ impl Coordinator for Service {
                 .collect(),
         };
         match self.send(event).await? {
-            Reply::Committed(Ok(path)) => Ok(Response::new(pb::CheckpointCommitted { path })),
+            Reply::Committed(Ok(path)) => Ok(Response::new(pb::CheckpointCommitted {
+                path,
+                pending: false,
+            })),
+            Reply::PartAccepted => Ok(Response::new(pb::CheckpointCommitted {
+                path: String::new(),
+                pending: true,
+            })),
             Reply::Committed(Err(e)) => Err(Status::internal(e)),
             Reply::Rejected(reason) => Err(Status::failed_precondition(reason)),
             // Never a success without a path: the worker would report a checkpoint that is not.
@@ -493,6 +503,7 @@ mod tests {
             files: Vec::new(),
             stall_seconds: 0.0,
             write_seconds: 0.0,
+            parts: 1,
         };
         let err = client
             .commit_checkpoint(with_token(ready))

@@ -1,7 +1,8 @@
 //! `coordinator launch --resume`: a job killed mid-run (SIGKILL, no chance to clean up) and
 //! resumed from its newest committed checkpoint ends bit-identical to the same job run without
 //! interruption: weights, AdamW moments, trainer state and every later step's loss line. With
-//! fp32 model files, and with bfloat16 ones (the fp32 masters then travel in training_state/).
+//! fp32 model files, and with bfloat16 ones (the fp32 masters then travel in training_state/);
+//! at ZeRO stages 1 and 2 with the optimizer state saved per rank.
 //! Resumes that cannot continue exactly are refused before any worker starts.
 
 mod common;
@@ -11,6 +12,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const STEPS: u64 = 60;
+/// examples/tiny's cluster.world_size.
+const WORKERS: usize = 2;
 
 /// The tiny job, 60 steps, a checkpoint every 20 (all kept), a line per step.
 fn job(dir: &Path, dtype: Option<&str>) -> PathBuf {
@@ -55,23 +58,74 @@ fn step_lines(out: &str) -> Vec<String> {
         .collect()
 }
 
-/// Files whose bytes must match between an interrupted-and-resumed run and a straight one.
+/// Files whose bytes must match between an interrupted-and-resumed run and a straight one: the
+/// model, the trainer state and every file of optimizer state (one per rank at ZeRO stages 1
+/// and 2), the fp32 masters when the model files are narrower.
 fn state_files(checkpoint: &Path) -> Vec<(String, Vec<u8>)> {
     let mut names = vec![
-        "model.safetensors",
-        "training_state/optimizer.safetensors",
-        "training_state/trainer_state.json",
+        "model.safetensors".to_string(),
+        "training_state/trainer_state.json".to_string(),
     ];
-    if checkpoint
-        .join("training_state/master_weights.safetensors")
-        .is_file()
-    {
-        names.push("training_state/master_weights.safetensors");
-    }
+    let mut saved: Vec<String> = std::fs::read_dir(checkpoint.join("training_state"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("optimizer") || n == "master_weights.safetensors")
+        .map(|n| format!("training_state/{n}"))
+        .collect();
+    saved.sort();
+    names.extend(saved);
     names
         .into_iter()
-        .map(|n| (n.to_string(), std::fs::read(checkpoint.join(n)).unwrap()))
+        .map(|n| {
+            let bytes = std::fs::read(checkpoint.join(&n)).unwrap();
+            (n, bytes)
+        })
         .collect()
+}
+
+/// The optimizer files of a checkpoint: one per parameter-state file at stage 0, one per rank
+/// (with the shard map in trainer_state.json) at stages 1 and 2.
+fn assert_optimizer_layout(files: &[(String, Vec<u8>)], zero_stage: u32, workers: usize) {
+    let optimizer: Vec<&str> = files
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| n.starts_with("training_state/optimizer"))
+        .collect();
+    let state: serde_json::Value = serde_json::from_slice(
+        &files
+            .iter()
+            .find(|(n, _)| n.ends_with("trainer_state.json"))
+            .unwrap()
+            .1,
+    )
+    .unwrap();
+    if zero_stage == 0 {
+        assert_eq!(optimizer, ["training_state/optimizer.safetensors"]);
+        assert!(state.get("optimizer_shards").is_none());
+        return;
+    }
+    let want: Vec<String> = (0..workers)
+        .map(|r| format!("training_state/optimizer-rank-{r:05}-of-{workers:05}.safetensors"))
+        .collect();
+    assert_eq!(optimizer, want);
+    let map = &state["optimizer_shards"];
+    let files = map["files"].as_array().unwrap();
+    assert_eq!(files.len(), workers);
+    assert_eq!(files[0]["start"], 0);
+    let total: u64 = map["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            p["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .product::<u64>()
+        })
+        .sum();
+    assert_eq!(files[workers - 1]["end"].as_u64(), Some(total));
 }
 
 /// (stdout, stderr) of a launch that must succeed.
@@ -93,11 +147,15 @@ fn interrupted_then_resumed(dtype: Option<&str>, zero_stage: u32) {
     )));
     let final_name = format!("step-{STEPS:08}");
     let reference = state_files(&checkpoints(straight_dir.path()).join(&final_name));
+    let masters = reference
+        .iter()
+        .any(|(n, _)| n.ends_with("master_weights.safetensors"));
     assert_eq!(
-        reference.len(),
-        if dtype.is_some() { 4 } else { 3 },
+        masters,
+        dtype.is_some(),
         "fp32 masters are saved exactly when the model files are narrower"
     );
+    assert_optimizer_layout(&reference, zero_stage, WORKERS);
 
     // The same job, SIGKILLed once its first checkpoint is committed.
     let dir = tempfile::tempdir().unwrap();
@@ -142,6 +200,7 @@ fn interrupted_then_resumed(dtype: Option<&str>, zero_stage: u32) {
     assert!(resumed.contains(&format!("held-out loss at step {from} (resumed)")));
 
     let got = state_files(&checkpoints(dir.path()).join(&final_name));
+    assert_eq!(got.len(), reference.len());
     for ((name, want), (_, have)) in reference.iter().zip(&got) {
         assert!(
             want == have,
@@ -208,8 +267,8 @@ fn a_killed_job_resumes_bit_identical_with_bf16_files() {
     interrupted_then_resumed(Some("bfloat16"), 0);
 }
 
-/// Sharded AdamW moments are gathered into the same optimizer file and taken apart again on
-/// resume: still bit-identical.
+/// Sharded AdamW moments are saved per rank (with the shard map) and each rank takes its chunk
+/// back on resume: still bit-identical.
 #[test]
 fn a_killed_zero_stage_1_job_resumes_bit_identical() {
     let _serial = serial();

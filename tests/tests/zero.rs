@@ -150,13 +150,26 @@ fn a_stage_1_checkpoint_of_3_workers_continues_on_2() {
         every: 3,
     };
     run(&write_job(tmp.path(), &three), &[]);
+    // Saved per rank: three files, and the shard map that says which range each holds.
+    let from = tmp.path().join("three/step-00000003");
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(from.join("training_state/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    let files = state["optimizer_shards"]["files"].as_array().unwrap();
+    assert_eq!(files.len(), 3);
+    for (rank, f) in files.iter().enumerate() {
+        let name = format!("optimizer-rank-{rank:05}-of-00003.safetensors");
+        assert_eq!(f["file"], name.as_str());
+        assert!(from.join("training_state").join(&name).is_file());
+    }
+    assert!(!from.join("training_state/optimizer.safetensors").exists());
     let two = Job {
         name: "two",
         world: 2,
         grad_accum: 3,
         ..three
     };
-    let from = tmp.path().join("three/step-00000003");
     let out = run(
         &write_job(tmp.path(), &two),
         &["--resume", from.to_str().unwrap()],

@@ -4,7 +4,7 @@
 //! restore exactly: `exp_avg`/`exp_avg_sq` per parameter plus the step count. The update is
 //! torch.optim.AdamW's, operation for operation.
 
-use std::collections::HashMap;
+use ferrotune_data::trainer_state::OptimizerShards;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone)]
@@ -26,11 +26,23 @@ struct ParamState {
 /// What a checkpoint saves of an optimizer and restores into it, whatever its sharding.
 pub trait OptimizerState {
     fn step_count(&self) -> u64;
-    /// The moments per parameter: `exp_avg.<param>` and `exp_avg_sq.<param>`.
+    fn set_step_count(&mut self, step: u64);
+    /// Name and shape of every parameter, in the optimizer's order: the order in which the
+    /// parameters are flattened end to end (what shard maps count in).
+    fn parameter_shapes(&self) -> Vec<(String, Vec<i64>)>;
+    /// What a checkpoint saves: the moments per parameter (`exp_avg.<param>`,
+    /// `exp_avg_sq.<param>`), or, sharded, this rank's range of the flat moments (`exp_avg`,
+    /// `exp_avg_sq`, 1-D) described by [`OptimizerState::shards`].
     fn state_tensors(&self) -> Vec<(String, Tensor)>;
-    /// Restores what `state_tensors` saved, and the step count: the next update is the one the
-    /// saved optimizer would have made. Every moment must be there with its parameter's shape.
-    fn load_state(&mut self, saved: HashMap<String, Tensor>, step: u64) -> Result<(), String>;
+    /// A sharded optimizer: this rank, and the shard map of the whole group.
+    fn shards(&self) -> Option<(usize, OptimizerShards)> {
+        None
+    }
+    /// Restores elements `[from, from + len)` of parameter `index`'s flattened moments (1-D
+    /// fp32 `exp_avg` and `exp_avg_sq` of `len` elements), or the part of them this optimizer
+    /// keeps: restoring every piece of every parameter, then the step count, makes the next
+    /// update the one the saved optimizer would have made.
+    fn load_piece(&mut self, index: usize, from: i64, exp_avg: &Tensor, exp_avg_sq: &Tensor);
     /// The fp32 weights to checkpoint when the optimizer holds them instead of the model (ZeRO
     /// under bf16, on rank 0 after gathering); None: the model's own parameters.
     fn master_weights(&self) -> Option<Vec<(String, Tensor)>> {
@@ -174,33 +186,28 @@ impl OptimizerState for AdamW {
         out
     }
 
-    fn load_state(&mut self, mut saved: HashMap<String, Tensor>, step: u64) -> Result<(), String> {
-        for p in &mut self.params {
-            for (prefix, moment) in [
-                ("exp_avg", &mut p.exp_avg),
-                ("exp_avg_sq", &mut p.exp_avg_sq),
-            ] {
-                let key = format!("{prefix}.{}", p.name);
-                let t = saved
-                    .remove(&key)
-                    .ok_or_else(|| format!("`{key}` is missing"))?;
-                if t.size() != moment.size() || t.kind() != moment.kind() {
-                    return Err(format!(
-                        "`{key}` is {:?} {:?}, the parameter {:?} {:?}",
-                        t.kind(),
-                        t.size(),
-                        moment.kind(),
-                        moment.size()
-                    ));
-                }
-                tch::no_grad(|| moment.copy_(&t));
-            }
-        }
-        if let Some(extra) = saved.keys().next() {
-            return Err(format!("`{extra}` belongs to no parameter of this model"));
-        }
+    fn set_step_count(&mut self, step: u64) {
         self.step = step;
-        Ok(())
+    }
+
+    fn parameter_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), p.param.size()))
+            .collect()
+    }
+
+    fn load_piece(&mut self, index: usize, from: i64, exp_avg: &Tensor, exp_avg_sq: &Tensor) {
+        let p = &self.params[index];
+        let len = exp_avg.numel() as i64;
+        tch::no_grad(|| {
+            // The moments are contiguous (made by zeros_like): the flat views share them.
+            p.exp_avg.view([-1]).narrow(0, from, len).copy_(exp_avg);
+            p.exp_avg_sq
+                .view([-1])
+                .narrow(0, from, len)
+                .copy_(exp_avg_sq);
+        });
     }
 }
 

@@ -327,13 +327,17 @@ pub fn run(
             (state.step, mixture)
         }
     };
+    // Rank 0 writes the model and the trainer state; with sharded optimizer state every rank
+    // also stages its own part of the optimizer.
     let is_writer = placement.rank == 0;
+    let writes = is_writer || updater.state().shards().is_some();
     let mut writer = checkpoint::Writer::default();
     let periodic =
         spec.checkpoint_every_steps > 0 && spec.checkpoint_every_steps < spec.total_steps;
-    if is_writer && periodic {
+    if writes && periodic {
         // Paid while loading, not as a stall at the first checkpoint.
-        writer.prepare(checkpoint::Buffers::like(&model, updater.state()));
+        let model = is_writer.then_some(&model);
+        writer.prepare(checkpoint::Buffers::like(model, updater.state()));
     }
     let mut summary = TrainSummary {
         eval_before: None,
@@ -448,10 +452,10 @@ pub fn run(
             && done.is_multiple_of(spec.checkpoint_every_steps)
             && done < spec.total_steps;
         if checkpoint_now {
-            // Sharded optimizer state comes to rank 0 (every rank takes part).
-            updater.gather_state(collective)?;
+            // Under bf16 sharded masters come to rank 0 (every rank takes part).
+            updater.gather_for_checkpoint(collective)?;
         }
-        if is_writer && checkpoint_now {
+        if writes && checkpoint_now {
             // The training thread only copies the state; a background thread writes it.
             let state = (&model, updater.state(), &mixture);
             hand_over(
@@ -478,8 +482,8 @@ pub fn run(
         }
     }
     answer("after");
-    updater.gather_state(collective)?;
-    if is_writer {
+    updater.gather_for_checkpoint(collective)?;
+    if writes {
         let state = (&model, updater.state(), &mixture);
         let end = (spec.total_steps, lr);
         hand_over(
@@ -492,8 +496,9 @@ pub fn run(
             end,
             true,
         )?;
+        // Every part's call returns once the whole checkpoint is committed.
         let path = commit(writer.wait(), reporter)?;
-        summary.final_checkpoint = Some(path);
+        summary.final_checkpoint = is_writer.then_some(path);
     }
     Ok(summary)
 }
@@ -531,12 +536,15 @@ fn hand_over(
         warmup_steps: spec.warmup_steps,
         total_steps: spec.total_steps,
         datasets: datasets.to_vec(),
+        optimizer_shards: optimizer.shards().map(|(_, map)| map),
     };
     let template = spec.chat_template.as_deref();
-    let snapshot = Snapshot::take(model, optimizer, state, template, writer.take_spare());
-    writer.start(write_job(
-        spec, placement, model, snapshot, is_final, stalled,
-    ))?;
+    let parts = state.optimizer_shards.as_ref().map_or(1, |m| m.files.len());
+    let files = (placement.rank == 0).then_some(model);
+    let snapshot = Snapshot::take(files, optimizer, state, template, writer.take_spare());
+    let mut job = write_job(spec, placement, model, snapshot, is_final, stalled);
+    job.parts = parts as u32;
+    writer.start(job)?;
     Ok(())
 }
 
@@ -561,6 +569,7 @@ fn write_job(
             max_shard_bytes: spec.checkpoint_max_shard_bytes,
         },
         is_final,
+        parts: 1,
         stall_seconds: stalled.elapsed().as_secs_f64(),
     }
 }

@@ -1,11 +1,14 @@
 //! ZeRO stages 1 and 2 on a real TCP ring against stage 0: the same weights, gradient norms
 //! and optimizer state after steps with clipping active, for 2 and 3 ranks and parameters
-//! that the chunks split; stage 2 sends half the gradient bytes; saved moments re-shard to
-//! another world size unchanged.
+//! that the chunks split; stage 2 sends half the gradient bytes; the moments each rank saves
+//! (its range of the flat moments) restore into another world size, and into stage 0,
+//! unchanged.
 
 mod common;
+use ferrotune_data::trainer_state::OptimizerShards;
+use ferrotune_worker::checkpoint::{check_shard_map, load_per_parameter, load_shard};
 use ferrotune_worker::collective::ring::{Ring, RingOptions};
-use ferrotune_worker::optim::AdamWConfig;
+use ferrotune_worker::optim::{AdamWConfig, OptimizerState};
 use ferrotune_worker::zero::{Stage, Updater};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -60,8 +63,53 @@ struct Outcome {
     params: Vec<Tensor>,
     norms: Vec<f64>,
     gradient_bytes: u64,
-    /// Rank 0: the moments per parameter after gathering.
+    /// What the rank saves of its optimizer: the moments per parameter at stage 0, its range
+    /// of the flat moments at stages 1 and 2.
     state: Vec<(String, Tensor)>,
+    /// The shard map (stages 1 and 2).
+    shards: Option<OptimizerShards>,
+}
+
+/// What the ranks of a sharded run saved, as the per-parameter moments stage 0 saves: each
+/// moment's ranges laid end to end in rank order and cut at the parameters' sizes.
+fn consolidate(ranks: &[Outcome]) -> Vec<(String, Tensor)> {
+    let map = ranks[0].shards.as_ref().expect("sharded");
+    let mut out = Vec::new();
+    for moment in ["exp_avg", "exp_avg_sq"] {
+        let pieces: Vec<Tensor> = ranks
+            .iter()
+            .map(|r| {
+                let (_, t) = r.state.iter().find(|(n, _)| n == moment).unwrap();
+                t.shallow_clone()
+            })
+            .collect();
+        let flat = Tensor::cat(&pieces, 0);
+        let mut at = 0;
+        for p in &map.parameters {
+            let n: i64 = p.shape.iter().product();
+            let view = flat.narrow(0, at, n).view(p.shape.as_slice()).copy();
+            out.push((format!("{moment}.{}", p.name), view));
+            at += n;
+        }
+        assert_eq!(at, flat.numel() as i64, "the ranges cover the parameters");
+    }
+    out
+}
+
+/// Restores what `saved` (the ranks of a sharded run) saved into `optimizer`, through the
+/// shard map as a resume does.
+fn restore(optimizer: &mut dyn OptimizerState, saved: &[Outcome]) -> Result<(), String> {
+    let map = saved[0].shards.as_ref().expect("sharded");
+    let index = check_shard_map(optimizer, map)?;
+    for (i, rank) in saved.iter().enumerate() {
+        let file: HashMap<String, Tensor> = rank
+            .state
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        load_shard(optimizer, map, &index, i, &file)?;
+    }
+    Ok(())
 }
 
 /// A ring of `world` threads (1 KiB buckets: several per flat buffer).
@@ -120,24 +168,27 @@ fn train(stage: Stage, world: usize) -> Vec<Outcome> {
             norms.push(norm);
             gradient_bytes += updater.last_gradient_bytes;
         }
-        updater.gather_state(&mut ring).unwrap();
-        let state = if rank == 0 {
-            updater
-                .state()
-                .state_tensors()
-                .into_iter()
-                .map(|(n, t)| (n, t.copy()))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let shards = updater.state().shards();
+        if let Some((r, map)) = &shards {
+            assert_eq!(*r, rank);
+            assert_eq!(map.files.len(), world);
+        }
         Outcome {
             params: params.iter().map(|p| p.detach().copy()).collect(),
             norms,
             gradient_bytes,
-            state,
+            state: copied(updater.state()),
+            shards: shards.map(|(_, map)| map),
         }
     })
+}
+
+fn copied(optimizer: &dyn OptimizerState) -> Vec<(String, Tensor)> {
+    optimizer
+        .state_tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.copy()))
+        .collect()
 }
 
 fn max_diff(a: &[Tensor], b: &[Tensor]) -> f64 {
@@ -183,10 +234,10 @@ fn check(world: usize) {
             // Every rank ends with the same weights.
             assert_eq!(max_diff(&out.params, &sharded[0].params), 0.0);
         }
-        let (sharded_names, sharded_moments) = by_name(&sharded[0].state);
+        let (sharded_names, sharded_moments) = by_name(&consolidate(&sharded));
         assert_eq!(sharded_names, names);
         let diff = max_diff(&sharded_moments, &moments);
-        assert!(diff <= 1e-6, "{stage:?}: gathered moments differ by {diff}");
+        assert!(diff <= 1e-6, "{stage:?}: saved moments differ by {diff}");
 
         // The ring counts what it sends: stage 2's reduce-scatter is half an all-reduce.
         let ratio = sharded[1].gradient_bytes as f64 / zero[1].gradient_bytes as f64;
@@ -206,50 +257,66 @@ fn stages_1_and_2_equal_stage_0_on_three_ranks() {
     check(3);
 }
 
-/// Moments gathered from 3 ranks, loaded into 2 ranks' chunks and gathered again, are the same
-/// tensors: that is the whole of re-sharding.
+/// Moments saved by 3 ranks, restored into 2 ranks' chunks (and into stage 0) through the shard
+/// map and saved again, are the same tensors: that is the whole of re-sharding.
 #[test]
 fn saved_moments_reshard_to_another_world_size() {
     let three = train(Stage::One, 3);
-    let saved: Vec<(String, Tensor)> = three[0]
-        .state
-        .iter()
-        .map(|(n, t)| (n.clone(), t.copy()))
-        .collect();
-    type Start = (Vec<Tensor>, Vec<(String, Tensor)>);
-    let starts: Vec<Start> = (0..2)
-        .map(|_| {
-            let start = inputs(1).remove(0).start;
-            let state = saved.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
-            (start, state)
+    let want = consolidate(&three);
+    // Restoring involves no collective: each rank takes what overlaps its chunk.
+    let two: Vec<Outcome> = (0..2)
+        .map(|rank| {
+            let params: Vec<Tensor> = inputs(1).remove(0).start;
+            let mut updater = Updater::new(Stage::Two, named(&params), None, config(), rank, 2);
+            restore(updater.state_mut(), &three).unwrap();
+            let (_, map) = updater.state().shards().unwrap();
+            Outcome {
+                params,
+                norms: Vec::new(),
+                gradient_bytes: 0,
+                state: copied(updater.state()),
+                shards: Some(map),
+            }
         })
         .collect();
-    let regathered = on_ring(2, starts, |rank, mut ring, (start, state)| {
-        let params: Vec<Tensor> = start
-            .into_iter()
-            .map(|t| t.set_requires_grad(true))
-            .collect();
-        let mut updater = Updater::new(Stage::Two, named(&params), None, config(), rank, 2);
-        let map: HashMap<String, Tensor> = state.into_iter().collect();
-        updater.state_mut().load_state(map, STEPS as u64).unwrap();
-        assert_eq!(updater.state().step_count(), STEPS as u64);
-        updater.gather_state(&mut ring).unwrap();
-        updater
-            .state()
-            .state_tensors()
-            .into_iter()
-            .map(|(n, t)| (n, t.copy()))
-            .collect::<Vec<_>>()
-    });
-    let (names, want) = by_name(&saved);
-    let (got_names, got) = by_name(&regathered[0]);
+    assert_eq!(two[0].shards.as_ref().unwrap().files.len(), 2);
+    let (names, want_moments) = by_name(&want);
+    let (got_names, got) = by_name(&consolidate(&two));
     assert_eq!(got_names, names);
-    assert_eq!(max_diff(&got, &want), 0.0);
-    // A moment missing or of another shape is refused by name.
-    let mut map: HashMap<String, Tensor> = saved.into_iter().collect();
-    map.remove("exp_avg.p3");
+    assert_eq!(max_diff(&got, &want_moments), 0.0);
+
+    // Stage 0 takes whole parameters out of the same files.
     let params: Vec<Tensor> = inputs(1).remove(0).start;
-    let mut lone = Updater::new(Stage::One, named(&params), None, config(), 0, 1);
-    let err = lone.state_mut().load_state(map, 1).unwrap_err();
+    let mut lone = Updater::new(Stage::Zero, named(&params), None, config(), 0, 1);
+    restore(lone.state_mut(), &three).unwrap();
+    let (zero_names, zero) = by_name(&copied(lone.state()));
+    assert_eq!(zero_names, names);
+    assert_eq!(max_diff(&zero, &want_moments), 0.0);
+    // ... and a sharded optimizer its chunk out of per-parameter moments.
+    let per_parameter: HashMap<String, Tensor> =
+        want.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    let mut sharded = Updater::new(Stage::One, named(&params), None, config(), 0, 1);
+    load_per_parameter(sharded.state_mut(), per_parameter).unwrap();
+    let one = Outcome {
+        params: Vec::new(),
+        norms: Vec::new(),
+        gradient_bytes: 0,
+        state: copied(sharded.state()),
+        shards: sharded.state().shards().map(|(_, m)| m),
+    };
+    let (_, from_per_parameter) = by_name(&consolidate(&[one]));
+    assert_eq!(max_diff(&from_per_parameter, &want_moments), 0.0);
+
+    // A moment missing, or a shard map of another model, is refused by name.
+    let mut map: HashMap<String, Tensor> = want.into_iter().collect();
+    map.remove("exp_avg.p3");
+    let err = load_per_parameter(lone.state_mut(), map).unwrap_err();
     assert!(err.contains("`exp_avg.p3` is missing"), "{err}");
+    let mut other = three;
+    other[0].shards.as_mut().unwrap().parameters[2].shape = vec![33, 64];
+    let err = restore(lone.state_mut(), &other).unwrap_err();
+    assert!(err.contains("`p2` is [33, 64]"), "{err}");
+    other[0].shards.as_mut().unwrap().files[1].end += 1;
+    let err = restore(lone.state_mut(), &other).unwrap_err();
+    assert!(err.contains("optimizer shard map"), "{err}");
 }

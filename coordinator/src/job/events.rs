@@ -94,6 +94,9 @@ pub enum Event {
         staging_dir: String,
         is_final: bool,
         files: Vec<FileDigest>,
+        /// How many ranks stage a part of this checkpoint (ZeRO: each its optimizer file);
+        /// 0 or 1: rank 0's directory is all of it.
+        parts: u32,
         /// Training stall and background write time (for the log; the job ignores them).
         timing: (f64, f64),
     },
@@ -159,12 +162,22 @@ pub enum Action {
     Eval(EvalMetrics),
     /// A rank's answers for the eval report (phase "before" or "after").
     Samples(String, Vec<Sample>),
-    /// Every writing rank has staged this checkpoint: write the manifest and rename it in place.
+    /// Every writing rank has staged this checkpoint: move the other ranks' `parts` (staging
+    /// directory, reported files) into rank 0's, write the manifest and rename it in place.
+    /// Answers the call that brought the event and every held one of the step.
     Commit {
         step: u64,
         staging_dir: String,
         is_final: bool,
         files: Vec<FileDigest>,
+        parts: Vec<(String, Vec<FileDigest>)>,
+    },
+    /// A part of a periodic checkpoint is in: answer its call now (pending), the rank goes on
+    /// training (the ranks still writing would otherwise wait for it in the next all-reduce).
+    AcceptPart,
+    /// A part of the final checkpoint: its call is answered when the step commits.
+    HoldPart {
+        step: u64,
     },
     /// A staged checkpoint that will never be committed (its generation ended): remove it.
     Discard {

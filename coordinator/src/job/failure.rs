@@ -240,13 +240,14 @@ impl Job {
             self.committed.retain(|c| c != dir);
         }
         self.resume_point_wanted = Some(set_aside);
-        let mut actions = vec![Action::Restart {
+        let mut actions = self.discard_parts();
+        actions.push(Action::Restart {
             generation: self.generation,
             restart: self.restarts,
             max: self.params.max_restarts,
             reason,
             replace,
-        }];
+        });
         actions.extend(self.ask_resume_point());
         actions
     }

@@ -12,6 +12,7 @@
 pub mod devices;
 mod events;
 mod failure;
+mod parts;
 
 pub use crate::metrics::{EvalMetrics, Sample, StepMetrics, TaskEval};
 use crate::natural::natural_cmp;
@@ -133,6 +134,8 @@ pub struct Job {
     /// Commits handed to the driver and not yet answered: a restart chooses its checkpoint
     /// only once they have landed.
     commits_in_flight: u32,
+    /// Parts of checkpoints staged by some ranks of the current generation, not all yet.
+    parts: parts::Parts,
     /// A restart waits for its resume point: Some(set_aside) until it is asked for, then
     /// `resume_point_asked` until the answer comes.
     resume_point_wanted: Option<Option<(String, String)>>,
@@ -163,6 +166,7 @@ impl Job {
             committed,
             damaged: None,
             commits_in_flight: 0,
+            parts: parts::Parts::default(),
             resume_point_wanted: None,
             resume_point_asked: false,
             last_progress: now,
@@ -253,6 +257,7 @@ impl Job {
                 staging_dir,
                 is_final,
                 files,
+                parts,
                 ..
             } => {
                 if !current(generation) || !self.failures.is_empty() {
@@ -265,19 +270,12 @@ impl Job {
                 }
                 self.touch(rank, now);
                 self.last_progress = now;
-                // Data parallel: rank 0 holds the full state and is the only writer. With sharded
-                // optimizer state every rank will write its part and this waits for all of them.
-                if rank == 0 {
-                    self.commits_in_flight += 1;
-                    vec![Action::Commit {
-                        step,
-                        staging_dir,
-                        is_final,
-                        files,
-                    }]
-                } else {
-                    Vec::new()
-                }
+                let part = parts::Part {
+                    rank,
+                    staging_dir,
+                    files,
+                };
+                self.on_checkpoint_part(step, is_final, parts, part)
             }
             Event::CheckpointCommitted { path, is_final, .. } => {
                 self.commits_in_flight = self.commits_in_flight.saturating_sub(1);
@@ -525,7 +523,9 @@ impl Job {
     /// returns only once every worker process is gone, so nothing outlives the job.
     fn stop(&mut self, outcome: Outcome, reason: String) -> Vec<Action> {
         self.phase = Phase::Done;
-        vec![Action::StopWorkers { reason }, Action::Done(outcome)]
+        let mut actions = self.discard_parts();
+        actions.extend([Action::StopWorkers { reason }, Action::Done(outcome)]);
+        actions
     }
 
     fn fail(&mut self, reason: String) -> Vec<Action> {

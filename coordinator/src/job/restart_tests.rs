@@ -81,6 +81,7 @@ fn ready(rank: u32, generation: u64, step: u64) -> Event {
         staging_dir: format!("/c/.staging-{step}"),
         is_final: false,
         files: Vec::new(),
+        parts: 1,
         timing: (0.0, 0.0),
     }
 }

@@ -277,9 +277,14 @@ fn only_rank_zero_staging_is_committed_and_interrupt_stops() {
             bytes: 7,
             sha256: "ab".into(),
         }],
+        parts: 1,
         timing: (0.1, 2.0),
     };
-    assert!(job.handle(ready(1), t0).is_empty());
+    // One part: only rank 0 writes checkpoints.
+    assert!(matches!(
+        &job.handle(ready(1), t0)[..],
+        [Action::Refuse(why), Action::Discard { .. }] if why.contains("not the checkpoint writer")
+    ));
     assert_eq!(
         job.handle(ready(0), t0),
         vec![Action::Commit {
@@ -291,6 +296,7 @@ fn only_rank_zero_staging_is_committed_and_interrupt_stops() {
                 bytes: 7,
                 sha256: "ab".into(),
             }],
+            parts: Vec::new(),
         }]
     );
     let a = job.handle(Event::Interrupted, t0);
@@ -486,5 +492,69 @@ fn a_cpu_group_is_assigned_the_cpu_and_the_ring() {
     assert_eq!(
         (a.device, a.backend, a.nccl_id.clone()),
         (devices::DeviceKind::Cpu, devices::Backend::Ring, None)
+    );
+}
+
+fn part(rank: u32, step: u64, is_final: bool, parts: u32) -> Event {
+    Event::CheckpointReady {
+        rank,
+        generation: 1,
+        step,
+        staging_dir: format!("/c/.staging-{step}-r{rank}"),
+        is_final,
+        files: vec![ferrotune_data::manifest::FileDigest {
+            path: format!("training_state/optimizer-rank-{rank:05}-of-{parts:05}.safetensors"),
+            bytes: 8,
+            sha256: "cd".into(),
+        }],
+        parts,
+        timing: (0.0, 0.0),
+    }
+}
+
+#[test]
+fn a_checkpoint_in_parts_commits_once_every_rank_staged_its_part() {
+    let t0 = Instant::now();
+    let mut job = running(3, t0);
+    // Periodic: every part is answered at once (the ranks go on training), the last one
+    // brings the commit, rank 0's directory first and the others' parts in rank order.
+    assert_eq!(
+        job.handle(part(2, 4, false, 3), t0),
+        vec![Action::AcceptPart]
+    );
+    assert_eq!(
+        job.handle(part(0, 4, false, 3), t0),
+        vec![Action::AcceptPart]
+    );
+    match &job.handle(part(1, 4, false, 3), t0)[..] {
+        [Action::AcceptPart, Action::Commit {
+            step: 4,
+            staging_dir,
+            parts,
+            ..
+        }] => {
+            assert_eq!(staging_dir, "/c/.staging-4-r0");
+            let dirs: Vec<&str> = parts.iter().map(|(d, _)| d.as_str()).collect();
+            assert_eq!(dirs, ["/c/.staging-4-r1", "/c/.staging-4-r2"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A part count that is not the group's is refused.
+    assert!(matches!(
+        &job.handle(part(1, 8, false, 2), t0)[..],
+        [Action::Refuse(why), Action::Discard { .. }] if why.contains("the group has 3 workers")
+    ));
+    // The final checkpoint's calls are held until it commits.
+    assert_eq!(
+        job.handle(part(1, 9, true, 3), t0),
+        vec![Action::HoldPart { step: 9 }]
+    );
+    // The job ends before every part is in: the staged part is discarded.
+    let actions = job.handle(Event::Interrupted, t0);
+    assert!(
+        actions.iter().any(
+            |a| matches!(a, Action::Discard { staging_dir } if staging_dir == "/c/.staging-9-r1")
+        ),
+        "{actions:?}"
     );
 }

@@ -113,10 +113,11 @@ fn zero_stages_shard_the_moments_across_ranks() {
         "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32}))
     .unwrap();
     let p = shape.parameters();
+    // GPU memory: the checkpoint snapshot (each rank's chunk of the moments) is in host memory.
     let state = |plan: &WorkerPlan| -> u64 {
         plan.terms
             .iter()
-            .filter(|t| t.name != "activations")
+            .filter(|t| t.name != "activations" && t.place == Place::Device)
             .map(|t| t.bytes)
             .sum()
     };
@@ -144,6 +145,29 @@ fn zero_stages_shard_the_moments_across_ranks() {
     assert_eq!(state(&one), 9 * p);
     assert!(plan.check().is_ok(), "{}", plan.check().unwrap_err());
     assert!(at(0, false).1.check().is_err());
+    // Host memory for checkpoints: rank 0 no longer gathers the moments, only bf16's masters.
+    let host = |plan: &WorkerPlan| -> u64 {
+        plan.terms
+            .iter()
+            .filter(|t| t.place == Place::Host)
+            .map(|t| t.bytes)
+            .sum()
+    };
+    let fp32 = Settings {
+        zero_stage: 1,
+        bf16: false,
+        ..settings()
+    };
+    let (writer, other) = estimate(&shape, &fp32);
+    assert_eq!((host(&writer), host(&other)), (4 * p + p, p));
+    let (writer, _) = estimate(
+        &shape,
+        &Settings {
+            zero_stage: 1,
+            ..settings()
+        },
+    );
+    assert_eq!(host(&writer), 8 * p + p);
 }
 
 #[test]

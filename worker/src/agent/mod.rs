@@ -286,12 +286,8 @@ fn spec_from_pb(s: pb::TrainingSpec) -> Result<TrainSpec, AgentError> {
         grad_clip: optim.grad_clip,
         micro_batch_size: optim.micro_batch_size as usize,
         grad_accum_steps: optim.grad_accum_steps as usize,
-        zero_stage: match optim.zero_stage {
-            0 => crate::zero::Stage::Zero,
-            1 => crate::zero::Stage::One,
-            2 => crate::zero::Stage::Two,
-            _ => return Err(AgentError::Protocol("spec: unknown zero_stage")),
-        },
+        zero_stage: crate::zero::Stage::from_number(optim.zero_stage)
+            .ok_or(AgentError::Protocol("spec: unknown zero_stage"))?,
         checkpoint_dir: PathBuf::from(checkpoint.dir),
         checkpoint_every_steps: checkpoint.every_steps,
         checkpoint_dtype: match checkpoint.dtype.as_str() {

@@ -170,6 +170,7 @@ impl Reporter for GrpcReporter {
             is_final: staged.is_final,
             stall_seconds: staged.stall_seconds,
             write_seconds: staged.write_seconds,
+            parts: staged.parts,
             files: staged
                 .files
                 .iter()
@@ -185,6 +186,13 @@ impl Reporter for GrpcReporter {
             .block_on(self.agent.client.clone().commit_checkpoint(request))
             .map_err(|e| format!("commit of step {step} refused: {}", e.message()))?
             .into_inner();
+        if committed.pending {
+            tracing::debug!(
+                step,
+                "checkpoint part accepted; it commits with the other ranks'"
+            );
+            return Ok(PathBuf::new());
+        }
         if committed.path.is_empty() {
             return Err(format!(
                 "commit of step {step}: the coordinator answered without a checkpoint path"

@@ -12,9 +12,10 @@
 //!
 //! AdamW runs element for element as `optim::AdamW` does (the same operations on narrowed
 //! views), so a stage-1 or stage-2 step equals the stage-0 step up to the order in which the
-//! clipping norm is summed. Checkpoints do not change: at a checkpoint every rank sends its
-//! moments to rank 0, which writes them per parameter as stage 0 does; so any stage at any world
-//! size resumes from any checkpoint, each rank taking its chunk of the saved moments.
+//! clipping norm is summed. At a checkpoint every rank saves its own chunk of the moments
+//! (`optimizer-rank-XXXXX-of-YYYYY.safetensors`, described by the shard map in
+//! trainer_state.json); any stage at any world size resumes from any checkpoint, each rank
+//! copying the ranges that overlap its chunk out of the saved files (checkpoint/optimizer.rs).
 
 use crate::collective::{Collective, CollectiveError, ReduceOp};
 use crate::grads::FlatGrads;
@@ -31,6 +32,18 @@ pub enum Stage {
     Zero = 0,
     One = 1,
     Two = 2,
+}
+
+impl Stage {
+    /// `training.zero_stage` as configured (0, 1 or 2; anything else is None).
+    pub fn from_number(n: u32) -> Option<Stage> {
+        match n {
+            0 => Some(Stage::Zero),
+            1 => Some(Stage::One),
+            2 => Some(Stage::Two),
+            _ => None,
+        }
+    }
 }
 
 enum Optimizer {
@@ -207,12 +220,16 @@ impl Updater {
         Ok(norm)
     }
 
-    /// Before a checkpoint, on every rank: brings the optimizer state to rank 0, which writes
-    /// it (nothing to do at stage 0, where rank 0 has it all).
-    pub fn gather_state(&mut self, collective: &mut dyn Collective) -> Result<(), CollectiveError> {
+    /// Before a checkpoint, on every rank: brings what rank 0 writes beyond its own part to
+    /// rank 0. Only the fp32 masters under bf16 at stages 1 and 2 (the model files are
+    /// written from them); the moments stay where they are, each rank saves its own chunk.
+    pub fn gather_for_checkpoint(
+        &mut self,
+        collective: &mut dyn Collective,
+    ) -> Result<(), CollectiveError> {
         match &mut self.optimizer {
             Optimizer::Replicated(_) => Ok(()),
-            Optimizer::Sharded { adamw, .. } => adamw.gather(collective),
+            Optimizer::Sharded { adamw, .. } => adamw.gather_masters(collective),
         }
     }
 }

@@ -1,12 +1,15 @@
 //! The sharded AdamW of ZeRO stages 1 and 2: rank r's equal chunk of the flat fp32 parameters
 //! (or, under bf16, of the masters, which then exist only as chunks), its moments, the
-//! all-gather that brings the updated chunks to every rank, and the gather to rank 0 that
-//! checkpoints write per parameter.
+//! all-gather that brings the updated chunks to every rank. Checkpoints save each rank's chunk
+//! of the moments in its own file; under bf16 rank 0 gathers the fp32 masters for the model
+//! files.
 
 use crate::collective::{Collective, CollectiveError};
 use crate::optim::{AdamWConfig, OptimizerState, UpdateRule};
 use crate::precision::ComputeCopy;
-use std::collections::HashMap;
+use ferrotune_data::trainer_state::{
+    optimizer_shard_file, FlatParameter, OptimizerShards, ShardFile,
+};
 use tch::{Device, Kind, Tensor};
 
 /// Rank `rank`'s chunk of a flat vector of `total` elements padded to `world` chunks of `chunk`.
@@ -120,13 +123,6 @@ enum Weights {
     Masters { chunk: Tensor, compute: Tensor },
 }
 
-/// Rank 0 at a checkpoint: every rank's chunks, in host memory, laid out like the parameters.
-struct Gathered {
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    masters: Option<Tensor>,
-}
-
 /// AdamW over one rank's chunk of the flat parameters.
 pub struct ShardedAdamW {
     config: AdamWConfig,
@@ -138,7 +134,9 @@ pub struct ShardedAdamW {
     segments: Vec<Segment>,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    gathered: Option<Gathered>,
+    /// Rank 0 under bf16, at a checkpoint: every rank's chunk of the fp32 masters, in host
+    /// memory, laid out like the parameters.
+    gathered: Option<Tensor>,
 }
 
 /// Element counts of the parameters of a layout, in order.
@@ -260,68 +258,55 @@ impl ShardedAdamW {
         });
     }
 
-    /// Every rank's moments to rank 0 (in host memory there), one chunk at a time: no rank
-    /// ever holds more than one other rank's chunk on its device.
-    pub(super) fn gather(
+    /// Under bf16, every rank's chunk of the fp32 masters to rank 0 (in host memory there),
+    /// one chunk at a time: no rank ever holds more than one other rank's chunk on its device.
+    /// fp32 training needs nothing: every rank's parameters are whole after the all-gather.
+    pub(super) fn gather_masters(
         &mut self,
         collective: &mut dyn Collective,
     ) -> Result<(), CollectiveError> {
-        let shard = self.shard;
-        let device = self.exp_avg.device();
-        let masters = match &self.weights {
-            Weights::Masters { chunk, .. } => Some(chunk.shallow_clone()),
-            Weights::Flat { .. } => None,
+        let Weights::Masters { chunk: mine, .. } = &self.weights else {
+            return Ok(());
         };
+        let shard = self.shard;
+        let device = mine.device();
         if shard.rank == 0 && self.gathered.is_none() {
-            let host = || crate::device::host_buffer(&[shard.total as i64], Kind::Float, device);
-            self.gathered = Some(Gathered {
-                exp_avg: host(),
-                exp_avg_sq: host(),
-                masters: masters.as_ref().map(|_| host()),
-            });
+            self.gathered = Some(crate::device::host_buffer(
+                &[shard.total as i64],
+                Kind::Float,
+                device,
+            ));
         }
-        let mut parts = vec![
-            self.exp_avg.shallow_clone(),
-            self.exp_avg_sq.shallow_clone(),
-        ];
-        parts.extend(masters);
         for owner in 0..shard.world {
             let theirs = Shard {
                 rank: owner,
                 ..shard
             };
-            for (which, mine) in parts.iter().enumerate() {
-                let mut chunk = if owner == shard.rank {
-                    mine.shallow_clone()
-                } else {
-                    Tensor::empty([shard.chunk as i64], (Kind::Float, device))
-                };
-                collective.broadcast(&mut chunk, owner)?;
-                let n = theirs.len() as i64;
-                if let (Some(g), true) = (&self.gathered, n > 0) {
-                    let into = match which {
-                        0 => &g.exp_avg,
-                        1 => &g.exp_avg_sq,
-                        _ => g.masters.as_ref().expect("gathered with the masters"),
-                    };
-                    tch::no_grad(|| {
-                        into.narrow(0, theirs.offset() as i64, n)
-                            .copy_(&chunk.narrow(0, 0, n))
-                    });
-                }
+            let mut chunk = if owner == shard.rank {
+                mine.shallow_clone()
+            } else {
+                Tensor::empty([shard.chunk as i64], (Kind::Float, device))
+            };
+            collective.broadcast(&mut chunk, owner)?;
+            let n = theirs.len() as i64;
+            if let (Some(into), true) = (&self.gathered, n > 0) {
+                tch::no_grad(|| {
+                    into.narrow(0, theirs.offset() as i64, n)
+                        .copy_(&chunk.narrow(0, 0, n))
+                });
             }
         }
         Ok(())
     }
 
     /// Per-parameter views of a flat vector laid out like the parameters.
-    fn per_parameter(&self, flat: &Tensor, prefix: &str) -> Vec<(String, Tensor)> {
+    fn per_parameter(&self, flat: &Tensor) -> Vec<(String, Tensor)> {
         self.layout
             .iter()
             .map(|(name, shape, offset)| {
                 let n: i64 = shape.iter().product();
                 let view = flat.narrow(0, *offset as i64, n).view(shape.as_slice());
-                (format!("{prefix}{name}"), view)
+                (name.clone(), view)
             })
             .collect()
     }
@@ -332,60 +317,74 @@ impl OptimizerState for ShardedAdamW {
         self.step
     }
 
-    /// What `gather` brought to rank 0, named as stage 0 names it; empty elsewhere.
+    fn set_step_count(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    fn parameter_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        self.layout
+            .iter()
+            .map(|(name, shape, _)| (name.clone(), shape.clone()))
+            .collect()
+    }
+
+    /// This rank's chunk of the moments (without the padding).
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let Some(g) = &self.gathered else {
-            return Vec::new();
-        };
-        let mut out = self.per_parameter(&g.exp_avg, "exp_avg.");
-        out.extend(self.per_parameter(&g.exp_avg_sq, "exp_avg_sq."));
-        out
+        let len = self.shard.len() as i64;
+        vec![
+            ("exp_avg".into(), self.exp_avg.narrow(0, 0, len)),
+            ("exp_avg_sq".into(), self.exp_avg_sq.narrow(0, 0, len)),
+        ]
     }
 
-    /// Rank 0 after `gather` under bf16: the fp32 masters, of which no rank holds all.
-    fn master_weights(&self) -> Option<Vec<(String, Tensor)>> {
-        let masters = self.gathered.as_ref()?.masters.as_ref()?;
-        Some(self.per_parameter(masters, ""))
-    }
-
-    /// Takes this rank's chunk out of moments saved per parameter (by any stage, at any world
-    /// size): that is all re-sharding needs.
-    fn load_state(&mut self, mut saved: HashMap<String, Tensor>, step: u64) -> Result<(), String> {
-        // Every moment of every parameter must be there (whichever this rank's chunk touches).
-        let mut moments = Vec::with_capacity(self.layout.len());
-        for (name, shape, _) in &self.layout {
-            let mut take = |prefix: &str| {
-                let key = format!("{prefix}.{name}");
-                let t = saved
-                    .remove(&key)
-                    .ok_or_else(|| format!("`{key}` is missing"))?;
-                if t.size() != *shape || t.kind() != Kind::Float {
-                    return Err(format!(
-                        "`{key}` is {:?} {:?}, the parameter Float {shape:?}",
-                        t.kind(),
-                        t.size()
-                    ));
+    fn shards(&self) -> Option<(usize, OptimizerShards)> {
+        let parameters = self
+            .layout
+            .iter()
+            .map(|(name, shape, offset)| FlatParameter {
+                name: name.clone(),
+                shape: shape.clone(),
+                offset: *offset as u64,
+            })
+            .collect();
+        let files = (0..self.shard.world)
+            .map(|rank| {
+                let s = Shard { rank, ..self.shard };
+                ShardFile {
+                    file: optimizer_shard_file(rank, s.world),
+                    start: s.offset().min(s.total) as u64,
+                    end: (s.offset().min(s.total) + s.len()) as u64,
                 }
-                Ok(t.reshape([-1]))
-            };
-            moments.push((take("exp_avg")?, take("exp_avg_sq")?));
+            })
+            .collect();
+        Some((self.shard.rank, OptimizerShards { parameters, files }))
+    }
+
+    /// Rank 0 after `gather_masters` under bf16: the fp32 masters, of which no rank holds all.
+    fn master_weights(&self) -> Option<Vec<(String, Tensor)>> {
+        let masters = self.gathered.as_ref()?;
+        Some(self.per_parameter(masters))
+    }
+
+    /// Copies the part of the piece that falls into this rank's chunk: restoring from moments
+    /// saved per parameter or by any world size is the same operation.
+    fn load_piece(&mut self, index: usize, from: i64, exp_avg: &Tensor, exp_avg_sq: &Tensor) {
+        let start = self.layout[index].2 as i64 + from;
+        let end = start + exp_avg.numel() as i64;
+        let (lo, hi) = (
+            self.shard.offset() as i64,
+            (self.shard.offset() + self.shard.len()) as i64,
+        );
+        let (a, b) = (start.max(lo), end.min(hi));
+        if a >= b {
+            return;
         }
         tch::no_grad(|| {
-            for (i, from, at, len) in pieces(&sizes_of(&self.layout), &self.shard) {
-                let (avg, avg_sq) = &moments[i];
-                self.exp_avg
-                    .narrow(0, at, len)
-                    .copy_(&avg.narrow(0, from, len));
-                self.exp_avg_sq
-                    .narrow(0, at, len)
-                    .copy_(&avg_sq.narrow(0, from, len));
+            for (into, from) in [(&self.exp_avg, exp_avg), (&self.exp_avg_sq, exp_avg_sq)] {
+                into.narrow(0, a - lo, b - a)
+                    .copy_(&from.narrow(0, a - start, b - a));
             }
         });
-        if let Some(extra) = saved.keys().next() {
-            return Err(format!("`{extra}` belongs to no parameter of this model"));
-        }
-        self.step = step;
-        Ok(())
     }
 }
 

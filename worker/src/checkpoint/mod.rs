@@ -1,12 +1,16 @@
 //! The checkpoint format, both ways: writing a rank's part into a staging directory under the
 //! checkpoint root (the coordinator commits it: manifest, rename; nothing here ever writes a
-//! final name), and restoring from a committed one what "resume is exact" needs beyond the
+//! final name; at ZeRO stages 1 and 2 every rank stages its own part and the coordinator merges
+//! the parts), and restoring from a committed one what "resume is exact" needs beyond the
 //! Hugging Face weights: fp32 masters when the model files are narrower, AdamW moments and step
 //! count, the step and the data cursor.
 //!
 //! Layout (Hugging Face first, so `from_pretrained(dir)` works on it directly):
 //!   config.json, model*.safetensors (+ index), tokenizer files   the fine-tuned model
 //!   training_state/optimizer.safetensors                AdamW exp_avg / exp_avg_sq per parameter
+//!   training_state/optimizer-rank-XXXXX-of-YYYYY.safetensors   instead, at ZeRO stages 1 and 2:
+//!                                                       each rank's range of the flat moments
+//!                                                       (shard map in trainer_state.json)
 //!   training_state/trainer_state.json                   step, data cursor, schedule, seed
 //!   training_state/master_weights.safetensors           fp32 weights, when the model files are
 //!                                                       saved in a narrower dtype (exact resume)
@@ -18,7 +22,10 @@ use ferrotune_data::manifest::{digest_tree, FileDigest, Manifest};
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 
+mod optimizer;
+
 pub use ferrotune_data::trainer_state::{TrainerState, STATE_FILE, TRAINING_STATE};
+pub use optimizer::{check_shard_map, load_per_parameter, load_shard, restore_optimizer};
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const MASTERS_FILE: &str = "master_weights.safetensors";
 
@@ -27,8 +34,11 @@ pub const MASTERS_FILE: &str = "master_weights.safetensors";
 /// tokenizer_config.json when it is not the model's own). The copy is what lets training go on
 /// while a background thread writes it.
 pub struct Snapshot {
-    pub model: ModelFiles,
+    /// The model files: the writer rank's part only.
+    pub model: Option<ModelFiles>,
     pub optimizer: Vec<(String, Tensor)>,
+    /// Where the optimizer state goes under training_state/.
+    pub optimizer_file: String,
     pub state: TrainerState,
     pub chat_template: Option<String>,
 }
@@ -37,41 +47,48 @@ pub struct Snapshot {
 /// copies into it: gigabytes freshly allocated at every checkpoint cost page faults (the
 /// kernel zeroing every page) that a reused buffer does not, and those were most of the stall.
 pub struct Buffers {
-    params: Vec<(String, Tensor)>,
+    params: Option<Vec<(String, Tensor)>>,
     optimizer: Vec<(String, Tensor)>,
 }
 
 impl Buffers {
-    /// Memory for a snapshot of this model and optimizer, touched now: allocated while the
-    /// job loads rather than at its first checkpoint.
-    pub fn like(model: &LoadedModel, optimizer: &dyn OptimizerState) -> Buffers {
+    /// Memory for a snapshot of this model (None: a rank that writes only its optimizer part)
+    /// and optimizer, touched now: allocated while the job loads rather than at its first
+    /// checkpoint.
+    pub fn like(model: Option<&LoadedModel>, optimizer: &dyn OptimizerState) -> Buffers {
         Buffers {
-            params: copy_into(weights_of(model, optimizer), None),
+            params: model.map(|m| copy_into(weights_of(m, optimizer), None)),
             optimizer: copy_into(optimizer.state_tensors(), None),
         }
     }
 }
 
 impl Snapshot {
-    /// Copies the training state, into `reuse` where it has the same tensors.
+    /// Copies the training state, into `reuse` where it has the same tensors. `model`: the
+    /// writer rank's; None on a rank that stages only its part of a sharded optimizer.
     pub fn take(
-        model: &LoadedModel,
+        model: Option<&LoadedModel>,
         optimizer: &dyn OptimizerState,
         state: TrainerState,
         chat_template: Option<&str>,
         reuse: Option<Buffers>,
     ) -> Snapshot {
         let (params, moments) = match reuse {
-            Some(b) => (Some(b.params), Some(b.optimizer)),
+            Some(b) => (b.params, Some(b.optimizer)),
             None => (None, None),
         };
-        let params = copy_into(weights_of(model, optimizer), params);
+        let model = model.map(|m| ModelFiles {
+            config: m.config.clone(),
+            params: copy_into(weights_of(m, optimizer), params),
+        });
+        let optimizer_file = match optimizer.shards() {
+            Some((rank, map)) => map.files[rank].file.clone(),
+            None => OPTIMIZER_FILE.into(),
+        };
         Snapshot {
-            model: ModelFiles {
-                config: model.config.clone(),
-                params,
-            },
+            model,
             optimizer: copy_into(optimizer.state_tensors(), moments),
+            optimizer_file,
             state,
             chat_template: chat_template.map(String::from),
         }
@@ -79,7 +96,7 @@ impl Snapshot {
 
     fn into_buffers(self) -> Buffers {
         Buffers {
-            params: self.model.params,
+            params: self.model.map(|m| m.params),
             optimizer: self.optimizer,
         }
     }
@@ -203,7 +220,8 @@ fn record_chat_template(dir: &Path, template: &str) -> Result<(), CheckpointErro
     sync_file(&path)
 }
 
-/// Writes everything into `<root>/.staging-<step>-r<rank>-<pid>` and returns that path.
+/// Writes this rank's part into `<root>/.staging-<step>-r<rank>-<pid>` and returns that path:
+/// everything on the writer rank; only its optimizer file on a rank of a sharded optimizer.
 pub fn write_staging(
     root: &Path,
     rank: usize,
@@ -211,7 +229,7 @@ pub fn write_staging(
     model_src: &Path,
     save: &SaveOptions,
 ) -> Result<PathBuf, CheckpointError> {
-    let (model, state) = (&snapshot.model, &snapshot.state);
+    let state = &snapshot.state;
     std::fs::create_dir_all(root).map_err(io("create", root))?;
     let staging = root.join(format!(
         ".staging-{:08}-r{rank}-{}",
@@ -224,6 +242,13 @@ pub fn write_staging(
     let training_state = staging.join(TRAINING_STATE);
     std::fs::create_dir_all(&training_state).map_err(io("create", &training_state))?;
 
+    write_tensors(
+        &training_state.join(&snapshot.optimizer_file),
+        shallow(&snapshot.optimizer),
+    )?;
+    let Some(model) = &snapshot.model else {
+        return Ok(staging);
+    };
     let written = model
         .save_pretrained(&staging, model_src, save)
         .map_err(|e| CheckpointError::Tensor(e.to_string()))?;
@@ -233,11 +258,6 @@ pub fn write_staging(
     if let Some(template) = &snapshot.chat_template {
         record_chat_template(&staging, template)?;
     }
-
-    write_tensors(
-        &training_state.join(OPTIMIZER_FILE),
-        shallow(&snapshot.optimizer),
-    )?;
     if save.dtype != DType::F32 {
         // The model files hold rounded weights; resuming from them would not be exact.
         write_tensors(&training_state.join(MASTERS_FILE), shallow(&model.params))?;
@@ -254,6 +274,8 @@ pub fn write_staging(
 pub struct Staged {
     pub step: u64,
     pub is_final: bool,
+    /// How many ranks stage a part of this checkpoint (1: this directory is all of it).
+    pub parts: u32,
     pub dir: PathBuf,
     /// Size and SHA-256 of every file, for the manifest.
     pub files: Vec<FileDigest>,
@@ -272,6 +294,7 @@ pub struct WriteJob {
     pub model_src: PathBuf,
     pub save: SaveOptions,
     pub is_final: bool,
+    pub parts: u32,
     pub stall_seconds: f64,
 }
 
@@ -353,13 +376,18 @@ fn write(job: WriteJob) -> Written {
         model_src,
         save,
         is_final,
+        parts,
         stall_seconds,
     } = job;
     let started = std::time::Instant::now();
     let step = snapshot.state.step;
     let written = write_staging(&root, rank, &snapshot, &model_src, &save);
     (
-        written.and_then(|dir| finish_write(dir, step, is_final, stall_seconds, started)),
+        written.and_then(|dir| {
+            let mut staged = finish_write(dir, step, is_final, stall_seconds, started)?;
+            staged.parts = parts;
+            Ok(staged)
+        }),
         Some(snapshot.into_buffers()),
     )
 }
@@ -385,6 +413,7 @@ fn finish_write(
     Ok(Staged {
         step,
         is_final,
+        parts: 1,
         dir,
         files,
         stall_seconds,
@@ -428,20 +457,4 @@ pub fn restore_weights(dir: &Path, model: &LoadedModel) -> Result<TrainerState, 
         );
     }
     Ok(state)
-}
-
-/// Restores the AdamW moments and step count of `state` from `dir` into `optimizer` (each
-/// rank of a sharded one takes its chunk).
-pub fn restore_optimizer(
-    dir: &Path,
-    state: &TrainerState,
-    optimizer: &mut dyn OptimizerState,
-) -> Result<(), RestoreError> {
-    let opt_path = dir.join(TRAINING_STATE).join(OPTIMIZER_FILE);
-    // Read where it is mapped: a sharded optimizer copies out only its chunk of each moment.
-    crate::model::io::with_mapped_tensors(&opt_path, |saved| {
-        optimizer.load_state(saved, state.optimizer_steps)
-    })
-    .map_err(|e| RestoreError::Unreadable(e.to_string()))?
-    .map_err(|e| RestoreError::Unreadable(format!("{}: {e}", opt_path.display())))
 }

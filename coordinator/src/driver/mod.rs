@@ -6,9 +6,9 @@ use crate::checkpoint;
 use crate::config::JobConfig;
 use crate::endpoint;
 use crate::job::devices::Backend;
-use crate::job::{Action, Event, HeartbeatAnswer, Job, JobParams, Outcome};
+use crate::job::{Action, Event, Job, JobParams, Outcome};
 use crate::launcher::{LaunchPlan, Launcher, LauncherEvent};
-use crate::lease::{Lease, LeaseError};
+use crate::lease::Lease;
 use crate::observe::{self, Observer};
 use crate::progress::Progress;
 use crate::restarts;
@@ -19,9 +19,12 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tasks::{drain, keep_lease, CommitDone};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tonic_health::ServingStatus::{NotServing, Serving};
+
+mod tasks;
 
 /// How long workers get to exit after SIGTERM before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -205,6 +208,8 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
     // Per staged checkpoint: (training stall, write time) in seconds, until it is committed.
     let mut timings: HashMap<u64, (f64, f64)> = HashMap::new();
     let (commits_tx, mut commits) = mpsc::unbounded_channel::<CommitDone>();
+    // The calls of the final checkpoint's parts, answered when it commits.
+    let mut held: HashMap<u64, Vec<oneshot::Sender<Reply>>> = HashMap::new();
     let (resume_tx, mut resume_points) = mpsc::unbounded_channel::<Option<String>>();
     let mut tick = tokio::time::interval(TICK);
     let mut sigterm =
@@ -218,7 +223,7 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
             Some(path) = resume_points.recv() => (Event::ResumePointChosen { path }, None),
             Some(reason) = lease_lost.recv() => (Event::LeaseLost { reason }, None),
             Some(done) = commits.recv() => {
-                let CommitDone { step, is_final, result, writer } = done;
+                let CommitDone { step, is_final, result, writers } = done;
                 if let Ok(path) = &result {
                     let measured = timings.remove(&step);
                     observer.checkpoint(step, path, measured);
@@ -228,9 +233,9 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                     };
                     progress.message(format!("checkpoint step {step} committed: {}{timing}", path.display()));
                 }
-                if let Some(w) = writer {
-                    let answer = result.as_ref().map(|p| p.to_string_lossy().into_owned());
-                    let _ = w.send(Reply::Committed(answer.map_err(Clone::clone)));
+                let answer = result.as_ref().map(|p| p.to_string_lossy().into_owned());
+                for w in writers {
+                    let _ = w.send(Reply::Committed(answer.clone().map_err(Clone::clone)));
                 }
                 let event = match result {
                     Ok(path) => Event::CheckpointCommitted {
@@ -352,6 +357,9 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                         reason,
                         replace,
                     } => {
+                        // Held calls of the ended generation's final checkpoint: dropping them
+                        // tells those ranks it will not commit.
+                        held.clear();
                         observer.restart(generation, restart, &reason);
                         progress.message(format!(
                             "restart {restart} of {max}: {reason}; generation {generation} forms{}",
@@ -413,38 +421,42 @@ pub async fn run(config: JobConfig, startup: Startup) -> Result<JobReport, Drive
                         progress.eval(&m);
                     }
                     Action::Samples(phase, samples) => observer.samples(&phase, &samples),
+                    Action::AcceptPart => {
+                        if let Some(r) = reply.take() {
+                            let _ = r.send(Reply::PartAccepted);
+                        }
+                    }
+                    Action::HoldPart { step } => {
+                        held.entry(step).or_default().extend(reply.take());
+                    }
                     Action::Commit {
                         step,
                         staging_dir,
                         is_final,
                         files,
+                        parts,
                     } => {
                         // File IO on shared storage (sizes, manifest, renames, retention): off
                         // the event loop, so that heartbeats keep being counted meanwhile. The
                         // writer's call is answered when the commit is done.
-                        let root = config.checkpoint_dir.clone();
-                        let keep = config.checkpoint_keep;
-                        let staging = PathBuf::from(&staging_dir);
-                        let done = commits_tx.clone();
-                        let writer = reply.take();
-                        let lease = lease.clone();
-                        tokio::spawn(async move {
-                            let result = tokio::task::spawn_blocking(move || {
-                                // A coordinator whose directory was taken over commits nothing.
-                                lease.check().map_err(|e| e.to_string())?;
-                                checkpoint::commit(&root, &staging, step, is_final, keep, &files)
-                                    .map_err(|e| e.to_string())
-                            })
-                            .await
-                            .map_err(|e| e.to_string())
-                            .and_then(|r| r);
-                            let _ = done.send(CommitDone {
+                        let mut writers = held.remove(&step).unwrap_or_default();
+                        writers.extend(reply.take());
+                        tasks::spawn_commit(
+                            tasks::CommitOrder {
+                                root: config.checkpoint_dir.clone(),
+                                keep: config.checkpoint_keep,
                                 step,
                                 is_final,
-                                result,
-                                writer,
-                            });
-                        });
+                                main: (PathBuf::from(staging_dir), files),
+                                parts: parts
+                                    .into_iter()
+                                    .map(|(dir, files)| (PathBuf::from(dir), files))
+                                    .collect(),
+                            },
+                            lease.clone(),
+                            writers,
+                            commits_tx.clone(),
+                        );
                     }
                     Action::StopWorkers { reason } => {
                         tracing::info!("stopping all workers: {reason}");
@@ -532,68 +544,5 @@ fn list_resume_point(path: &Option<String>) -> String {
             .file_name()
             .map_or(p.clone(), |n| n.to_string_lossy().into_owned()),
         None => "the model (no checkpoint was committed yet)".into(),
-    }
-}
-
-/// Renews the lease until the job ends (the task is aborted then), off the event loop: a slow
-/// shared filesystem must not delay heartbeats. Reports once if the lease was taken over.
-async fn keep_lease(lease: Arc<Lease>, lost: mpsc::UnboundedSender<String>) {
-    let mut ticker = tokio::time::interval(lease.renew_every());
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    loop {
-        ticker.tick().await;
-        let l = lease.clone();
-        match tokio::task::spawn_blocking(move || l.renew()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e @ LeaseError::Lost { .. })) => {
-                let _ = lost.send(e.to_string());
-                return;
-            }
-            // A failed write is retried at the next tick; the timeout allows for three.
-            Ok(Err(e)) => tracing::warn!("could not renew the checkpoint directory's lease: {e}"),
-            Err(_) => return,
-        }
-    }
-}
-
-/// A checkpoint commit that has finished, and the writer's call still to answer.
-struct CommitDone {
-    step: u64,
-    is_final: bool,
-    result: Result<PathBuf, String>,
-    writer: Option<oneshot::Sender<Reply>>,
-}
-
-/// After the job is decided: every call is answered "the job is over", until each rank in
-/// `to_tell` has heard it (and `min` has passed), or `max` has passed.
-async fn drain(
-    inbound: &mut mpsc::Receiver<Inbound>,
-    mut to_tell: std::collections::HashSet<u32>,
-    min: Duration,
-    max: Duration,
-) {
-    let start = tokio::time::Instant::now();
-    loop {
-        let until = if to_tell.is_empty() {
-            start + min
-        } else {
-            start + max
-        };
-        let Ok(Some(inb)) = tokio::time::timeout_at(until, inbound.recv()).await else {
-            return;
-        };
-        let over = "the job is over".to_string();
-        let answer = match inb.event {
-            Event::Heartbeat { rank, .. } => {
-                to_tell.remove(&rank);
-                Reply::Heartbeat(HeartbeatAnswer::Stop(over))
-            }
-            Event::CheckpointReady { .. } => Reply::Committed(Err(over)),
-            // A late Finish is an acknowledged report, not a refusal.
-            Event::Finished { .. } => Reply::Ack,
-            _ => Reply::Rejected(over),
-        };
-        let _ = inb.reply.send(answer);
     }
 }
