@@ -30,8 +30,12 @@ impl Summary {
 /// Checks every dataset of the job; with `build`, also writes the caches of valid ones.
 pub fn run(config: &JobConfig, build: bool) -> Result<Summary, DataError> {
     let tokenizer = Tokenizer::from_model_dir(&config.model_path)?;
-    let template = ChatTemplate::resolve(&tokenizer, config.data.chat_template.as_deref())
-        .map_err(|e| DataError::Rejected(format!("chat template: {e}")))?;
+    let template = ChatTemplate::resolve(
+        &tokenizer,
+        config.data.chat_template.as_deref(),
+        &config.data.chat_template_kwargs,
+    )
+    .map_err(|e| DataError::Rejected(format!("chat template: {e}")))?;
     let mut summary = Summary::default();
     let d = &config.data;
     if template.is_none() {

@@ -100,6 +100,8 @@ fn training_spec(c: &JobConfig) -> pb::TrainingSpec {
             overlong: c.data.overlong.name().into(),
             train_on_inputs: c.data.train_on_inputs,
             chat_template: c.data.chat_template.clone().unwrap_or_default(),
+            chat_template_kwargs: serde_json::Value::Object(c.data.chat_template_kwargs.clone())
+                .to_string(),
             eval_samples: c.data.eval_samples,
             cache_dir: path(&c.data.cache_dir),
         }),

@@ -75,21 +75,35 @@ impl Recipe<'_> {
         let data = file_digest(self.data)?;
         let tokenizer = file_digest(&self.tokenizer_dir.join("tokenizer.json"))?;
         let s = self.tokenizer.special;
-        Ok(digest_parts(&[
-            ("version", &crate::cache::FORMAT_VERSION.to_string()),
-            ("data", &data),
-            ("tokenizer", &tokenizer),
-            ("special", &format!("{:?} {:?} {:?}", s.bos, s.eos, s.pad)),
+        // Only when set: the keys of caches built without kwargs stay what they were.
+        let kwargs = self
+            .template
+            .map(|t| t.kwargs())
+            .filter(|k| !k.is_empty())
+            .map(|k| serde_json::Value::Object(k.clone()).to_string());
+        let mut parts: Vec<(&str, String)> = vec![
+            ("version", crate::cache::FORMAT_VERSION.to_string()),
+            ("data", data),
+            ("tokenizer", tokenizer),
+            ("special", format!("{:?} {:?} {:?}", s.bos, s.eos, s.pad)),
             (
                 "template",
-                self.template.map(ChatTemplate::source).unwrap_or(""),
+                self.template
+                    .map(ChatTemplate::source)
+                    .unwrap_or("")
+                    .to_string(),
             ),
-            ("format", self.format.name()),
-            ("train_on_inputs", &self.train_on_inputs.to_string()),
-            ("seq_len", &self.pack.seq_len.to_string()),
-            ("packing", &self.pack.packing.to_string()),
-            ("overlong", self.pack.overlong.name()),
-        ]))
+            ("format", self.format.name().to_string()),
+            ("train_on_inputs", self.train_on_inputs.to_string()),
+            ("seq_len", self.pack.seq_len.to_string()),
+            ("packing", self.pack.packing.to_string()),
+            ("overlong", self.pack.overlong.name().to_string()),
+        ];
+        if let Some(k) = kwargs {
+            parts.push(("template kwargs", k));
+        }
+        let parts: Vec<(&str, &str)> = parts.iter().map(|(l, v)| (*l, v.as_str())).collect();
+        Ok(digest_parts(&parts))
     }
 
     fn encoder(&self) -> Encoder<'_> {

@@ -61,6 +61,8 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's result: rendered where the template renders it, never learned.
+    Tool,
 }
 
 impl Role {
@@ -69,6 +71,7 @@ impl Role {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         }
     }
 }
@@ -77,6 +80,27 @@ impl Role {
 pub struct Message {
     pub role: Role,
     pub content: String,
+    /// Every other field of the message (`tool_calls`, `name`, `reasoning_content`, ...),
+    /// handed to the template as given: one that does not use them ignores them.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl Message {
+    pub fn new(role: Role, content: &str) -> Message {
+        Message {
+            role,
+            content: content.into(),
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    /// An assistant turn that calls tools (it may have no text of its own).
+    pub fn calls_tools(&self) -> bool {
+        self.extra
+            .get("tool_calls")
+            .is_some_and(|c| c.as_array().is_some_and(|a| !a.is_empty()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,14 +145,34 @@ fn message(i: usize, v: &Value) -> Result<Message, String> {
         "system" => Role::System,
         "user" => Role::User,
         "assistant" => Role::Assistant,
+        "tool" => Role::Tool,
         other => {
             return Err(format!(
-                "messages[{i}]: bad role `{other}`; expected system, user or assistant"
+                "messages[{i}]: bad role `{other}`; expected system, user, assistant or tool"
             ))
         }
     };
-    let content = string_field(o, "content").map_err(|e| format!("messages[{i}]: {e}"))?;
-    Ok(Message { role, content })
+    let mut extra = o.clone();
+    extra.remove("role");
+    // An assistant turn of tool calls may have null content, as OpenAI's format writes it.
+    let content = match extra.remove("content") {
+        Some(Value::Null) | None if role == Role::Assistant && extra.contains_key("tool_calls") => {
+            String::new()
+        }
+        Some(Value::String(s)) => s,
+        Some(other) => {
+            return Err(format!(
+                "messages[{i}]: field `content` must be a string, got {}",
+                kind_of(&other)
+            ))
+        }
+        None => return Err(format!("messages[{i}]: missing field `content`")),
+    };
+    Ok(Message {
+        role,
+        content,
+        extra,
+    })
 }
 
 /// Parses one non-blank line in the given layout.
@@ -174,7 +218,7 @@ pub fn parse(line: &str, format: Format) -> Result<Record, String> {
             }
             if let Some(i) = messages
                 .iter()
-                .position(|m| m.role == Role::Assistant && blank(&m.content))
+                .position(|m| m.role == Role::Assistant && blank(&m.content) && !m.calls_tools())
             {
                 return Err(format!(
                     "messages[{i}]: assistant answer is empty or whitespace only"
@@ -213,6 +257,34 @@ pub fn read_texts(path: &std::path::Path) -> Result<Vec<String>, crate::DataErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tool_messages_and_extra_fields_pass_through() {
+        let line = r#"{"messages":[{"role":"user","content":"weather?"},{"role":"assistant","content":null,"tool_calls":[{"function":{"name":"w","arguments":{}}}]},{"role":"tool","content":"sunny","name":"w"},{"role":"assistant","content":"Sunny."}]}"#;
+        let Record::Messages(m) = parse(line, Format::Messages).unwrap() else {
+            panic!("messages");
+        };
+        assert_eq!(m[1].content, "");
+        assert!(m[1].calls_tools());
+        assert_eq!(m[2].role, Role::Tool);
+        assert_eq!(m[2].extra["name"], "w");
+        // The template sees the fields as given.
+        let json = serde_json::to_value(&m[2]).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"role": "tool", "content": "sunny", "name": "w"})
+        );
+        // Null content is only for an assistant turn that calls tools.
+        let err = parse(
+            r#"{"messages":[{"role":"user","content":null},{"role":"assistant","content":"a"}]}"#,
+            Format::Messages,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("messages[0]: field `content` must be a string, got null"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn each_layout_parses_and_detects() {

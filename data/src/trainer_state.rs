@@ -45,6 +45,10 @@ pub struct TrainerState {
     /// of the flattened parameters. None: per parameter, in `optimizer.safetensors`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub optimizer_shards: Option<OptimizerShards>,
+    /// data.chat_template_kwargs the job trained with: Hugging Face has no field for them, so
+    /// `worker generate --chat` takes them from here (other tools must be given them).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The shard map of an optimizer saved per rank: every parameter's moments flattened and

@@ -5,7 +5,7 @@ mod common;
 
 use ferrotune_data::chat::ChatTemplate;
 use ferrotune_data::encode::Encoder;
-use ferrotune_data::record::{self, Format, Record};
+use ferrotune_data::record::{self, Record};
 use ferrotune_data::Tokenizer;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -70,14 +70,7 @@ print(json.dumps(out))
 "#;
 
 fn conversations() -> Vec<Vec<record::Message>> {
-    std::fs::read_to_string(fixtures().join("conversations.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| match record::parse(l, Format::Messages).unwrap() {
-            Record::Messages(m) => m,
-            other => panic!("{other:?}"),
-        })
-        .collect()
+    common::conversations(&fixtures().join("conversations.jsonl"))
 }
 
 /// The decoded learned tokens of a conversation.
@@ -100,7 +93,9 @@ fn check(template_file: &str, answer_end: &str, strip: fn(&str) -> String) {
     let source = std::fs::read_to_string(fixtures().join(template_file)).unwrap();
     model_dir(root.path(), &source);
     let tok = Tokenizer::from_model_dir(root.path()).unwrap();
-    let template = ChatTemplate::resolve(&tok, None).unwrap().unwrap();
+    let template = ChatTemplate::resolve(&tok, None, &Default::default())
+        .unwrap()
+        .unwrap();
     let convs = conversations();
 
     // The loss covers each answer and its end-of-turn marker, nothing else.

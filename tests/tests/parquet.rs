@@ -52,7 +52,7 @@ fn parquet_gives_the_caches_jsonl_gives_and_a_job_trains_on_it() {
     let base = examples.join("tiny/base");
     let tokenizer = Tokenizer::from_model_dir(&base).unwrap();
     let source = std::fs::read_to_string(examples.join("instruct/chat_template.jinja")).unwrap();
-    let template = ChatTemplate::resolve(&tokenizer, Some(&source))
+    let template = ChatTemplate::resolve(&tokenizer, Some(&source), &Default::default())
         .unwrap()
         .unwrap();
     // One file per layout, each with another codec and several row groups.

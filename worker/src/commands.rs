@@ -6,6 +6,7 @@ use crate::model::io::LoadedModel;
 use anyhow::{bail, Context};
 use ferrotune_data::chat::ChatTemplate;
 use ferrotune_data::record::{read_texts, Message, Role};
+use ferrotune_data::trainer_state::{TrainerState, STATE_FILE, TRAINING_STATE};
 use ferrotune_data::Tokenizer;
 use std::io::Write;
 use std::path::Path;
@@ -41,20 +42,28 @@ pub enum Chat {
 }
 
 /// Prints the completion of `prompt` to stdout.
+/// `kwargs`: template variables; None: those the checkpoint `model_dir` was trained with.
 pub fn generate(
     model_dir: &Path,
     prompt: &str,
-    chat: Chat,
+    (chat, kwargs): (Chat, Option<serde_json::Map<String, serde_json::Value>>),
     device: Device,
     mut sampling: Sampling,
 ) -> anyhow::Result<()> {
     let (model, tokenizer) = load(model_dir, device)?;
+    let kwargs = match kwargs {
+        Some(k) => k,
+        None if model_dir.join(TRAINING_STATE).join(STATE_FILE).is_file() => {
+            TrainerState::read(model_dir)?.chat_template_kwargs
+        }
+        None => serde_json::Map::new(),
+    };
     let configured = match &chat {
         Chat::Template(text) => Some(text.as_str()),
         _ => None,
     };
     let encoded = if !matches!(chat, Chat::Off) {
-        let template = ChatTemplate::resolve(&tokenizer, configured)
+        let template = ChatTemplate::resolve(&tokenizer, configured, &kwargs)
             .map_err(anyhow::Error::msg)?
             .with_context(|| {
                 format!(
@@ -62,10 +71,7 @@ pub fn generate(
                     model_dir.display()
                 )
             })?;
-        let user = [Message {
-            role: Role::User,
-            content: prompt.to_string(),
-        }];
+        let user = [Message::new(Role::User, prompt)];
         let text = template.render(&user, true).map_err(anyhow::Error::msg)?;
         tokenizer.encode(&text)
     } else {
@@ -79,6 +85,7 @@ pub fn generate(
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization; give at least one token of text");
     }
+    tracing::info!("prompt of {} tokens", ids.len());
     sampling
         .stop
         .extend(infer::stop_ids(&tokenizer, &model.config));

@@ -66,6 +66,11 @@ enum Command {
         /// base model that has none with its fine-tuned checkpoint).
         #[arg(long, requires = "chat")]
         chat_template: Option<PathBuf>,
+        /// With --chat: template variables as a JSON object (`{"enable_thinking": false}`), as
+        /// `apply_chat_template(**kwargs)` takes them. Default: those the checkpoint was trained
+        /// with (its trainer_state.json), else none.
+        #[arg(long, requires = "chat")]
+        chat_template_kwargs: Option<String>,
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
         /// 0 for greedy decoding.
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
             prompt,
             chat,
             chat_template,
+            chat_template_kwargs,
             max_new_tokens,
             temperature,
             top_p,
@@ -140,7 +146,16 @@ fn main() -> ExitCode {
                         .with_context(|| format!("--chat-template {}", path.display()))?,
                 ),
             };
-            commands::generate(&model, &prompt, chat, commands::device(&device)?, sampling)
+            let kwargs = chat_template_kwargs
+                .map(|text| {
+                    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
+                        .with_context(|| {
+                            format!("--chat-template-kwargs `{text}`: expected a JSON object")
+                        })
+                })
+                .transpose()?;
+            let device = commands::device(&device)?;
+            commands::generate(&model, &prompt, (chat, kwargs), device, sampling)
         })()),
         Command::Score {
             model,

@@ -79,8 +79,12 @@ pub fn prompts(spec: &TrainSpec, tokenizer: &Tokenizer) -> Result<Vec<Prompt>, D
     if spec.eval_samples == 0 {
         return Ok(out);
     }
-    let template = ChatTemplate::resolve(tokenizer, spec.chat_template.as_deref())
-        .map_err(DataError::Rejected)?;
+    let template = ChatTemplate::resolve(
+        tokenizer,
+        spec.chat_template.as_deref(),
+        &spec.chat_template_kwargs,
+    )
+    .map_err(DataError::Rejected)?;
     for d in &spec.datasets {
         let (Some(path), Format::PromptCompletion | Format::Messages) = (&d.eval_path, d.format)
         else {

@@ -53,6 +53,8 @@ pub struct TrainSpec {
     pub overlong: Overlong,
     pub train_on_inputs: bool,
     pub chat_template: Option<String>,
+    /// data.chat_template_kwargs.
+    pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
     pub cache_dir: PathBuf,
     pub lr: f64,
     pub min_lr: f64,

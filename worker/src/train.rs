@@ -537,6 +537,7 @@ fn hand_over(
         total_steps: spec.total_steps,
         datasets: datasets.to_vec(),
         optimizer_shards: optimizer.shards().map(|(_, map)| map),
+        chat_template_kwargs: spec.chat_template_kwargs.clone(),
     };
     let template = spec.chat_template.as_deref();
     let parts = state.optimizer_shards.as_ref().map_or(1, |m| m.files.len());

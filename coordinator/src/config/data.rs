@@ -36,6 +36,8 @@ pub(super) struct DataSection {
     #[serde(default)]
     chat_template_file: Option<Spanned<String>>,
     #[serde(default)]
+    chat_template_kwargs: Option<Spanned<serde_json::Value>>,
+    #[serde(default)]
     cache_dir: Option<Spanned<String>>,
 }
 
@@ -74,6 +76,8 @@ pub struct DataConfig {
     pub train_on_inputs: bool,
     /// The template from cluster.yaml (inline or read from its file); None: the model's own.
     pub chat_template: Option<String>,
+    /// Extra template variables, as `apply_chat_template(**kwargs)` passes them.
+    pub chat_template_kwargs: serde_json::Map<String, serde_json::Value>,
     pub cache_dir: PathBuf,
 }
 
@@ -275,6 +279,32 @@ impl Checks<'_> {
             }
             text
         });
+        let chat_template_kwargs = match &d.chat_template_kwargs {
+            None => serde_json::Map::new(),
+            Some(k) => match &k.value {
+                serde_json::Value::Object(map) => {
+                    let reserved = ferrotune_data::chat::RESERVED_VARIABLES;
+                    if let Some(name) = map.keys().find(|n| reserved.contains(&n.as_str())) {
+                        self.push(
+                            k,
+                            "data.chat_template_kwargs",
+                            format!("`{name}` is set by the renderer itself"),
+                            "remove it; kwargs add variables such as enable_thinking: false",
+                        );
+                    }
+                    map.clone()
+                }
+                other => {
+                    self.push(
+                        k,
+                        "data.chat_template_kwargs",
+                        format!("expected a mapping of template variables, got {other}"),
+                        "write e.g. `chat_template_kwargs: {enable_thinking: false}`",
+                    );
+                    serde_json::Map::new()
+                }
+            },
+        };
         let cache_dir = match &d.cache_dir {
             Some(c) => self.resolve(&c.value),
             None => checkpoint_dir.join("data-cache"),
@@ -288,6 +318,7 @@ impl Checks<'_> {
             overlong,
             train_on_inputs: d.train_on_inputs,
             chat_template,
+            chat_template_kwargs,
             cache_dir,
         }
     }

@@ -307,6 +307,42 @@ fn zero_stage_is_0_by_default_and_checked() {
     assert!(issues[0].message.contains("must be 0, 1 or 2, got 3"));
 }
 
+#[test]
+fn chat_template_kwargs_are_a_mapping_without_the_renderers_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixture(tmp.path());
+    let with = |line: &str| base.replace("  seq_len:", &format!("  {line}\n  seq_len:"));
+    let ok = parse(
+        &with("chat_template_kwargs: {enable_thinking: false}"),
+        tmp.path(),
+    )
+    .unwrap();
+    assert_eq!(
+        ok.data.chat_template_kwargs.get("enable_thinking"),
+        Some(&serde_json::Value::Bool(false))
+    );
+    assert!(parse(&base, tmp.path())
+        .unwrap()
+        .data
+        .chat_template_kwargs
+        .is_empty());
+    for (line, want) in [
+        ("chat_template_kwargs: [1]", "expected a mapping"),
+        (
+            "chat_template_kwargs: {messages: []}",
+            "`messages` is set by the renderer",
+        ),
+    ] {
+        let issues = issues_for(&with(line), tmp.path());
+        assert_eq!(issues[0].field, "data.chat_template_kwargs", "{line}");
+        assert!(
+            issues[0].message.contains(want),
+            "{line}: {}",
+            issues[0].message
+        );
+    }
+}
+
 fn with_cluster(dir: &Path, cluster_lines: &str) -> String {
     fixture(dir).replace(
         "cluster:\n  launcher: local\n  world_size: 2\n",

@@ -419,3 +419,16 @@ pub fn step_history(root: &Path) -> Vec<StepRecord> {
         })
         .collect()
 }
+
+/// The conversations of a `messages` JSON Lines file, parsed as the data pipeline parses them.
+pub fn conversations(file: &Path) -> Vec<Vec<ferrotune_data::record::Message>> {
+    use ferrotune_data::record::{parse, Format, Record};
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|l| match parse(l, Format::Messages).unwrap() {
+            Record::Messages(m) => m,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}

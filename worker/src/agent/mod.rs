@@ -274,6 +274,12 @@ fn spec_from_pb(s: pb::TrainingSpec) -> Result<TrainSpec, AgentError> {
             .ok_or(AgentError::Protocol("spec: unknown overlong policy"))?,
         train_on_inputs: data.train_on_inputs,
         chat_template: (!data.chat_template.is_empty()).then_some(data.chat_template),
+        chat_template_kwargs: match data.chat_template_kwargs.as_str() {
+            "" => serde_json::Map::new(),
+            text => serde_json::from_str(text).map_err(|_| {
+                AgentError::Protocol("spec: chat_template_kwargs is no JSON object")
+            })?,
+        },
         cache_dir: PathBuf::from(data.cache_dir),
         lr: optim.lr,
         min_lr: optim.min_lr,

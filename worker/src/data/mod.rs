@@ -90,8 +90,12 @@ pub fn load_tasks(
     use ferrotune_data::chat::ChatTemplate;
     use ferrotune_data::pack::PackOptions;
     use ferrotune_data::prepare::{cached, Prepared, Recipe};
-    let template = ChatTemplate::resolve(tokenizer, spec.chat_template.as_deref())
-        .map_err(DataError::Rejected)?;
+    let template = ChatTemplate::resolve(
+        tokenizer,
+        spec.chat_template.as_deref(),
+        &spec.chat_template_kwargs,
+    )
+    .map_err(DataError::Rejected)?;
     let open = |name: String, path: &std::path::Path, format| -> Result<TokenCache, DataError> {
         let recipe = Recipe {
             data: path,
