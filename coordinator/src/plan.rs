@@ -47,8 +47,10 @@ pub struct Shape {
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub mlp_bias: bool,
-    /// Qwen3's per-head query and key norms (head_dim weights each, per layer).
+    /// Qwen3's and Gemma 3's per-head query and key norms (head_dim weights each, per layer).
     pub qk_norm: bool,
+    /// Gemma 3: norms after attention and before and after the MLP (4 per layer, not 2).
+    pub sandwich_norms: bool,
 }
 
 impl Shape {
@@ -87,6 +89,7 @@ impl Shape {
         let heads = required("num_attention_heads")?;
         let model_type = raw.get("model_type").and_then(Value::as_str);
         let (qwen2, qwen3) = (model_type == Some("qwen2"), model_type == Some("qwen3"));
+        let gemma3 = model_type == Some("gemma3_text");
         let attention_bias = flag("attention_bias", false);
         Ok(Shape {
             vocab: required("vocab_size")?,
@@ -95,13 +98,18 @@ impl Shape {
             layers: required("num_hidden_layers")?,
             heads,
             kv_heads: int("num_key_value_heads")?.unwrap_or(heads),
-            // Qwen3Config's class default is 128.
-            head_dim: int("head_dim")?.unwrap_or(if qwen3 { 128 } else { hidden / heads }),
-            tied: flag("tie_word_embeddings", false),
+            // Qwen3Config's class default is 128, Gemma3TextConfig's 256.
+            head_dim: int("head_dim")?.unwrap_or(match (qwen3, gemma3) {
+                (true, _) => 128,
+                (_, true) => 256,
+                _ => hidden / heads,
+            }),
+            tied: flag("tie_word_embeddings", gemma3),
             qkv_bias: attention_bias || qwen2,
             o_bias: attention_bias && !qwen2,
             mlp_bias: flag("mlp_bias", false),
-            qk_norm: qwen3,
+            qk_norm: qwen3 || gemma3,
+            sandwich_norms: gemma3,
         })
     }
 
@@ -113,7 +121,8 @@ impl Shape {
         let attention =
             h * q + 2 * h * kv + q * h + bias(self.qkv_bias, q + 2 * kv) + bias(self.o_bias, h);
         let mlp = 3 * h * i + bias(self.mlp_bias, 2 * i + h);
-        let layer = attention + mlp + 2 * h + bias(self.qk_norm, 2 * self.head_dim);
+        let norms = if self.sandwich_norms { 4 * h } else { 2 * h };
+        let layer = attention + mlp + norms + bias(self.qk_norm, 2 * self.head_dim);
         let embeddings = self.vocab * h * if self.tied { 1 } else { 2 };
         embeddings + self.layers * layer + h
     }

@@ -41,6 +41,15 @@ fn parameter_counts_match_published_models() {
         Shape::from_json(&qwen3_06b).unwrap().parameters(),
         596_049_920
     );
+    // Gemma 3 1B: four norms per layer, q/k norms, head_dim 256 (its default), tied by default;
+    // transformers counts 999,885,952.
+    let gemma3_1b = json!({"model_type": "gemma3_text", "vocab_size": 262144,
+        "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+        "num_attention_heads": 4, "num_key_value_heads": 1});
+    assert_eq!(
+        Shape::from_json(&gemma3_1b).unwrap().parameters(),
+        999_885_952
+    );
 }
 
 #[test]

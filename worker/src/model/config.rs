@@ -17,6 +17,8 @@ pub enum Family {
     /// Qwen2's layout with an RMSNorm over each query and key head before RoPE, and no biases
     /// unless `attention_bias`.
     Qwen3,
+    /// `gemma3_text`: see [`GemmaOptions`].
+    Gemma3,
 }
 
 impl Family {
@@ -26,8 +28,25 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Gemma3 => "gemma3_text",
         }
     }
+}
+
+/// What Gemma 3 does differently from the Llama family: RMSNorm as `x * (1 + w)` (weights
+/// start at zero), embeddings scaled by √hidden, GeGLU with tanh-approximate GELU, norms after
+/// attention and before and after the MLP, per-head query and key norms, attention scores
+/// scaled by `query_pre_attn_scalar`^-½, sliding-window layers with their own RoPE base among
+/// global ones, and optional soft-capping of the final logits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmaOptions {
+    pub query_pre_attn_scalar: f64,
+    /// Per layer: true for sliding-window attention (`sliding_attention`), false for global.
+    pub sliding_layers: Vec<bool>,
+    /// The sliding layers' RoPE (`rope_local_base_freq`, or `rope_parameters.sliding_attention`).
+    pub local_rope_theta: f64,
+    pub local_rope_scaling: RopeScaling,
+    pub final_logit_softcapping: Option<f64>,
 }
 
 /// How rotary frequencies are rescaled for long context (`rope_type`).
@@ -71,8 +90,10 @@ pub struct ModelConfig {
     /// Qwen3: RMSNorm (weights `q_norm`, `k_norm`, head_dim wide) over each query and key head
     /// before the rotary embedding.
     pub qk_norm: bool,
-    /// Mistral: each token attends to at most this many tokens (itself included).
+    /// Mistral: each token attends to at most this many tokens (itself included); Gemma 3:
+    /// the same in its sliding layers.
     pub sliding_window: Option<i64>,
+    pub gemma: Option<GemmaOptions>,
     /// The dtype the checkpoint says its weights are stored in.
     pub dtype: Option<DType>,
     pub bos_token_id: Option<i64>,
@@ -215,19 +236,24 @@ impl ModelConfig {
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
+            "gemma3_text" => Family::Gemma3,
             other => {
                 return Err(f.err(
                     "model_type",
-                    format!("`{other}` is not supported; supported: llama, mistral, qwen2, qwen3"),
+                    format!(
+                        "`{other}` is not supported; supported: llama, mistral, qwen2, qwen3, \
+                         gemma3_text"
+                    ),
                 ))
             }
         };
         let hidden_size = f.required_int("hidden_size")?;
         let num_attention_heads = f.required_int("num_attention_heads")?;
         let num_key_value_heads = f.int("num_key_value_heads")?.unwrap_or(num_attention_heads);
-        // Qwen3Config's class default is 128, not hidden_size / heads.
+        // Qwen3Config's class default is 128, Gemma3TextConfig's 256, not hidden_size / heads.
         let head_dim = f.int("head_dim")?.unwrap_or(match family {
             Family::Qwen3 => 128,
+            Family::Gemma3 => 256,
             _ => hidden_size / num_attention_heads,
         });
         if num_key_value_heads <= 0 || num_attention_heads % num_key_value_heads != 0 {
@@ -245,11 +271,18 @@ impl ModelConfig {
                 format!("rotary embeddings need a positive even head_dim, got {head_dim}"),
             ));
         }
-        if let Some(act) = f.string("hidden_act")? {
-            if act != "silu" {
+        let (act_field, want) = match family {
+            Family::Gemma3 => ("hidden_activation", "gelu_pytorch_tanh"),
+            _ => ("hidden_act", "silu"),
+        };
+        if let Some(act) = f.string(act_field)? {
+            if act != want {
                 return Err(f.err(
-                    "hidden_act",
-                    format!("`{act}` is not supported; the Llama family uses silu"),
+                    act_field,
+                    format!(
+                        "`{act}` is not supported; {} uses {want}",
+                        family.model_type()
+                    ),
                 ));
             }
         }
@@ -258,7 +291,14 @@ impl ModelConfig {
                 return Err(f.err("partial_rotary_factor", "only 1.0 is supported".into()));
             }
         }
-        let (rope_theta, rope_scaling) = rope(&f)?;
+        let gemma = match family {
+            Family::Gemma3 => Some(gemma_options(&f, num_hidden_layers_of(&f)?)?),
+            _ => None,
+        };
+        let (rope_theta, rope_scaling) = match family {
+            Family::Gemma3 => gemma_global_rope(&f)?,
+            _ => rope(&f)?,
+        };
         let attention_bias = f.boolean("attention_bias", false)?;
         let (qkv_bias, o_bias, mlp_bias) = match family {
             Family::Llama => (
@@ -267,7 +307,7 @@ impl ModelConfig {
                 f.boolean("mlp_bias", false)?,
             ),
             Family::Qwen2 => (true, false, false),
-            Family::Qwen3 => (attention_bias, attention_bias, false),
+            Family::Qwen3 | Family::Gemma3 => (attention_bias, attention_bias, false),
             Family::Mistral => (false, false, false),
         };
         let sliding_window = match family {
@@ -295,6 +335,8 @@ impl ModelConfig {
                 None
             }
             Family::Llama => None,
+            // Gemma3TextConfig's class default is 4096.
+            Family::Gemma3 => Some(f.int("sliding_window")?.unwrap_or(4096)),
         };
         if let Some(w) = sliding_window {
             if w <= 0 {
@@ -327,13 +369,15 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings: f.int("max_position_embeddings")?.unwrap_or(2048),
-            tie_word_embeddings: f.boolean("tie_word_embeddings", false)?,
+            // Gemma 3 ties its head to the embeddings unless told otherwise.
+            tie_word_embeddings: f.boolean("tie_word_embeddings", family == Family::Gemma3)?,
             initializer_range: f.float("initializer_range")?.unwrap_or(0.02),
             qkv_bias,
             o_bias,
-            qk_norm: family == Family::Qwen3,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
             mlp_bias,
             sliding_window,
+            gemma,
             dtype,
             bos_token_id: f.ids("bos_token_id")?.first().copied(),
             eos_token_ids: f.ids("eos_token_id")?,
@@ -353,19 +397,127 @@ impl ModelConfig {
     }
 }
 
+fn num_hidden_layers_of(f: &Fields) -> Result<i64, ModelError> {
+    f.required_int("num_hidden_layers")
+}
+
+/// Gemma 3's options: layer types from `layer_types`, or every `sliding_window_pattern`-th
+/// layer global (transformers' derivation, default 6); the local RoPE from
+/// `rope_parameters.sliding_attention` (transformers 5) or `rope_local_base_freq` (4).
+fn gemma_options(f: &Fields, layers: i64) -> Result<GemmaOptions, ModelError> {
+    if f.float("attn_logit_softcapping")?.is_some() {
+        return Err(f.err(
+            "attn_logit_softcapping",
+            "attention soft-capping (Gemma 2) is not supported; Gemma 3 has none (null)".into(),
+        ));
+    }
+    if f.boolean("use_bidirectional_attention", false)? {
+        return Err(f.err(
+            "use_bidirectional_attention",
+            "only causal attention is supported (false)".into(),
+        ));
+    }
+    let sliding_layers = match f.get("layer_types") {
+        Some(Value::Array(types)) => types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(f.err(
+                    "layer_types",
+                    format!("`{t}`: expected sliding_attention or full_attention"),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(other) => return Err(f.err("layer_types", format!("expected a list, found {other}"))),
+        None => {
+            let pattern = f
+                .int("sliding_window_pattern")?
+                .or(f.int("_sliding_window_pattern")?)
+                .unwrap_or(6)
+                .max(1);
+            (0..layers).map(|i| (i + 1) % pattern != 0).collect()
+        }
+    };
+    if sliding_layers.len() as i64 != layers {
+        return Err(f.err(
+            "layer_types",
+            format!(
+                "{} entries for {layers} layers (num_hidden_layers)",
+                sliding_layers.len()
+            ),
+        ));
+    }
+    let (local_rope_theta, local_rope_scaling) = match f.get("rope_parameters") {
+        Some(Value::Object(by_type)) if by_type.contains_key("sliding_attention") => rope_dict(
+            f,
+            by_type.get("sliding_attention"),
+            "rope_parameters.sliding_attention",
+            None,
+        )?,
+        _ => (
+            f.float("rope_local_base_freq")?.unwrap_or(10000.0),
+            RopeScaling::None,
+        ),
+    };
+    Ok(GemmaOptions {
+        query_pre_attn_scalar: f.float("query_pre_attn_scalar")?.unwrap_or(256.0),
+        sliding_layers,
+        local_rope_theta,
+        local_rope_scaling,
+        final_logit_softcapping: f.float("final_logit_softcapping")?,
+    })
+}
+
+/// Gemma 3's global layers' RoPE: `rope_parameters.full_attention` (transformers 5), or
+/// `rope_theta` (default 1e6) with `rope_scaling` (4).
+fn gemma_global_rope(f: &Fields) -> Result<(f64, RopeScaling), ModelError> {
+    match f.get("rope_parameters") {
+        Some(Value::Object(by_type)) if by_type.contains_key("full_attention") => rope_dict(
+            f,
+            by_type.get("full_attention"),
+            "rope_parameters.full_attention",
+            None,
+        ),
+        _ => {
+            let scaling = match f.get("rope_scaling") {
+                Some(Value::Object(_)) => f.get("rope_scaling"),
+                _ => None,
+            };
+            let theta = f.float("rope_theta")?.or(Some(1_000_000.0));
+            rope_dict(f, scaling, "rope_scaling", theta)
+        }
+    }
+}
+
 /// Reads rope theta and scaling from `rope_parameters` (transformers 5) or from
 /// `rope_theta` + `rope_scaling` (transformers 4).
 fn rope(f: &Fields) -> Result<(f64, RopeScaling), ModelError> {
     let (params, field) = match f.get("rope_parameters") {
-        Some(Value::Object(m)) => (Some(m), "rope_parameters"),
+        Some(m @ Value::Object(_)) => (Some(m), "rope_parameters"),
         Some(_) => return Err(f.err("rope_parameters", "expected an object".into())),
         None => match f.get("rope_scaling") {
-            Some(Value::Object(m)) => (Some(m), "rope_scaling"),
+            Some(m @ Value::Object(_)) => (Some(m), "rope_scaling"),
             Some(_) => return Err(f.err("rope_scaling", "expected an object or null".into())),
             None => (None, "rope_scaling"),
         },
     };
-    let top_theta = f.float("rope_theta")?;
+    rope_dict(f, params, field, f.float("rope_theta")?)
+}
+
+/// Theta and scaling from one RoPE parameter object (`field` names it in errors); its own
+/// `rope_theta` wins over `top_theta`, and 10000 is the default of both.
+fn rope_dict(
+    f: &Fields,
+    params: Option<&Value>,
+    field: &str,
+    top_theta: Option<f64>,
+) -> Result<(f64, RopeScaling), ModelError> {
+    let params = match params {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => Some(m),
+        Some(_) => return Err(f.err(field, "expected an object".into())),
+    };
     let Some(params) = params else {
         return Ok((top_theta.unwrap_or(10000.0), RopeScaling::None));
     };

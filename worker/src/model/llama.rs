@@ -1,62 +1,17 @@
 //! Llama decoder: RMSNorm, rotary position embeddings, grouped-query attention through
 //! libtorch's scaled_dot_product_attention, SwiGLU MLP. Parameter names are the Hugging Face
 //! keys (`model.layers.0.self_attn.q_proj.weight`), so loading a checkpoint is a name lookup.
+//! Gemma 3 is the same decoder with options (`ModelConfig::gemma`): offset norms, scaled
+//! embeddings, GeGLU, sandwich norms, its attention scale, sliding layers with a local RoPE.
 
 use super::config::ModelConfig;
+use super::layers::{linear, normal, Mlp, RmsNorm};
 use super::rope;
 use tch::nn::{self, Module};
 use tch::{Kind, Reduction, Tensor};
 
 /// Label value that contributes no loss (prompt tokens, padding), as in PyTorch and HF.
 pub const IGNORE_INDEX: i64 = -100;
-
-#[derive(Debug)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn new(vs: nn::Path, dim: i64, eps: f64) -> Self {
-        RmsNorm {
-            weight: vs.ones("weight", &[dim]),
-            eps,
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        // Normalise in fp32 whatever the activation dtype, as transformers does.
-        let dtype = x.kind();
-        let x32 = x.to_kind(Kind::Float);
-        let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-        let normed = x32 * (variance + self.eps).rsqrt();
-        &self.weight * normed.to_kind(dtype)
-    }
-}
-
-/// N(0, std²), or zeros for std 0 (weights about to be overwritten from a checkpoint): tch
-/// draws N(0, std²) as `randn * std`, two full-size temporaries per tensor that the allocator
-/// keeps, which would double a loading model's peak memory for nothing.
-fn normal(std: f64) -> nn::Init {
-    if std == 0.0 {
-        nn::Init::Const(0.0)
-    } else {
-        nn::Init::Randn {
-            mean: 0.0,
-            stdev: std,
-        }
-    }
-}
-
-fn linear(vs: nn::Path, in_dim: i64, out_dim: i64, std: f64, bias: bool) -> nn::Linear {
-    let config = nn::LinearConfig {
-        ws_init: normal(std),
-        // transformers initialises biases to zero.
-        bs_init: bias.then_some(nn::Init::Const(0.0)),
-        bias,
-    };
-    nn::linear(vs, in_dim, out_dim, config)
-}
 
 /// Keys and values of the tokens seen so far, per layer, for incremental decoding.
 #[derive(Debug, Default)]
@@ -105,18 +60,39 @@ struct Attention {
     k_proj: nn::Linear,
     v_proj: nn::Linear,
     o_proj: nn::Linear,
-    /// Qwen3: per-head RMSNorm of queries and keys before RoPE.
+    /// Qwen3, Gemma 3: per-head RMSNorm of queries and keys before RoPE.
     qk_norm: Option<(RmsNorm, RmsNorm)>,
     n_heads: i64,
     n_kv_heads: i64,
     head_dim: i64,
     sliding_window: Option<i64>,
+    /// Gemma 3's scale of the scores (query_pre_attn_scalar^-½); None: head_dim^-½.
+    scale: Option<f64>,
+    /// Gemma 3's sliding layers rotate with the local RoPE tables.
+    local_rope: bool,
+}
+
+/// The rotary tables of one forward pass: the global ones and, for Gemma 3's sliding layers,
+/// the local ones.
+struct RopeTables {
+    global: (Tensor, Tensor),
+    local: Option<(Tensor, Tensor)>,
+}
+
+/// The masks of packed rows: for layers that attend to everything before and for those with a
+/// sliding window (built only where such layers exist).
+struct PackedMasks {
+    full: Option<Tensor>,
+    windowed: Option<Tensor>,
 }
 
 impl Attention {
-    fn new(vs: nn::Path, cfg: &ModelConfig) -> Self {
+    fn new(vs: nn::Path, cfg: &ModelConfig, layer: usize) -> Self {
         let (h, hd, std) = (cfg.hidden_size, cfg.head_dim(), cfg.initializer_range);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.n_kv_heads());
+        let gemma = cfg.gemma.as_ref();
+        let sliding = gemma.is_none_or(|g| g.sliding_layers[layer]);
+        let offset = gemma.is_some();
         Attention {
             q_proj: linear(&vs / "q_proj", h, nh * hd, std, cfg.qkv_bias),
             k_proj: linear(&vs / "k_proj", h, nkv * hd, std, cfg.qkv_bias),
@@ -124,25 +100,34 @@ impl Attention {
             o_proj: linear(&vs / "o_proj", nh * hd, h, std, cfg.o_bias),
             qk_norm: cfg.qk_norm.then(|| {
                 (
-                    RmsNorm::new(&vs / "q_norm", hd, cfg.rms_norm_eps),
-                    RmsNorm::new(&vs / "k_norm", hd, cfg.rms_norm_eps),
+                    RmsNorm::new(&vs / "q_norm", hd, cfg.rms_norm_eps, offset),
+                    RmsNorm::new(&vs / "k_norm", hd, cfg.rms_norm_eps, offset),
                 )
             }),
             n_heads: nh,
             n_kv_heads: nkv,
             head_dim: hd,
-            sliding_window: cfg.sliding_window,
+            sliding_window: cfg.sliding_window.filter(|_| sliding),
+            scale: gemma.map(|g| g.query_pre_attn_scalar.powf(-0.5)),
+            local_rope: gemma.is_some() && sliding,
         }
     }
 
     fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &RopeTables,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-        packed_mask: Option<&Tensor>,
+        packed: Option<&PackedMasks>,
     ) -> Tensor {
+        let (cos, sin) = match (&rope.local, self.local_rope) {
+            (Some(local), true) => (&local.0, &local.1),
+            _ => (&rope.global.0, &rope.global.1),
+        };
+        let packed_mask = packed.and_then(|m| match self.sliding_window {
+            Some(_) => m.windowed.as_ref(),
+            None => m.full.as_ref(),
+        });
         let (b, s, _) = x.size3().expect("activations are (batch, seq, hidden)");
         let heads = |t: Tensor, n: i64| t.view([b, s, n, self.head_dim]).transpose(1, 2);
         // (batch, n_heads, seq, head_dim)
@@ -177,7 +162,7 @@ impl Attention {
             mask,
             0.0,
             causal,
-            None,
+            self.scale,
             self.n_kv_heads != self.n_heads,
         );
         let y = y
@@ -189,54 +174,30 @@ impl Attention {
 }
 
 #[derive(Debug)]
-struct Mlp {
-    gate_proj: nn::Linear,
-    up_proj: nn::Linear,
-    down_proj: nn::Linear,
-}
-
-impl Mlp {
-    fn new(vs: nn::Path, cfg: &ModelConfig) -> Self {
-        let (h, i, std) = (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.initializer_range,
-        );
-        Mlp {
-            gate_proj: linear(&vs / "gate_proj", h, i, std, cfg.mlp_bias),
-            up_proj: linear(&vs / "up_proj", h, i, std, cfg.mlp_bias),
-            down_proj: linear(&vs / "down_proj", i, h, std, cfg.mlp_bias),
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj
-            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
-    }
-}
-
-#[derive(Debug)]
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
+    /// Llama: the norm before the MLP; Gemma 3: the norm of the attention's output.
     post_attention_layernorm: RmsNorm,
+    /// Gemma 3: the norms before and after the MLP.
+    feedforward_norms: Option<(RmsNorm, RmsNorm)>,
     mlp: Mlp,
 }
 
 impl DecoderLayer {
-    fn new(vs: nn::Path, cfg: &ModelConfig) -> Self {
+    fn new(vs: nn::Path, cfg: &ModelConfig, layer: usize) -> Self {
+        let offset = cfg.gemma.is_some();
+        let norm = |name: &str| RmsNorm::new(&vs / name, cfg.hidden_size, cfg.rms_norm_eps, offset);
         DecoderLayer {
-            input_layernorm: RmsNorm::new(
-                &vs / "input_layernorm",
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            ),
-            self_attn: Attention::new(&vs / "self_attn", cfg),
-            post_attention_layernorm: RmsNorm::new(
-                &vs / "post_attention_layernorm",
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            ),
+            input_layernorm: norm("input_layernorm"),
+            self_attn: Attention::new(&vs / "self_attn", cfg, layer),
+            post_attention_layernorm: norm("post_attention_layernorm"),
+            feedforward_norms: offset.then(|| {
+                (
+                    norm("pre_feedforward_layernorm"),
+                    norm("post_feedforward_layernorm"),
+                )
+            }),
             mlp: Mlp::new(&vs / "mlp", cfg),
         }
     }
@@ -244,19 +205,23 @@ impl DecoderLayer {
     fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &RopeTables,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-        packed_mask: Option<&Tensor>,
+        packed: Option<&PackedMasks>,
     ) -> Tensor {
-        let x = x + self.self_attn.forward(
-            &self.input_layernorm.forward(x),
-            cos,
-            sin,
-            cache,
-            packed_mask,
-        );
-        &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
+        let attended =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x), rope, cache, packed);
+        match &self.feedforward_norms {
+            None => {
+                let x = x + attended;
+                &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
+            }
+            Some((pre, post)) => {
+                let x = x + self.post_attention_layernorm.forward(&attended);
+                &x + post.forward(&self.mlp.forward(&pre.forward(&x)))
+            }
+        }
     }
 }
 
@@ -268,8 +233,14 @@ pub struct Llama {
     /// None when the output projection is tied to the input embedding.
     lm_head: Option<nn::Linear>,
     inv_freq: Tensor,
+    /// Gemma 3's sliding layers' RoPE frequencies.
+    local_inv_freq: Option<Tensor>,
     vocab_size: i64,
     sliding_window: Option<i64>,
+    /// Gemma 3: embeddings times √hidden (in the weights' dtype, as transformers does).
+    embed_scale: Option<f64>,
+    /// Gemma 3: logits squashed as cap · tanh(logits / cap).
+    final_softcap: Option<f64>,
 }
 
 /// Several samples in one row: each token's position within its own sample and the sample it
@@ -309,13 +280,24 @@ impl Llama {
             cfg.hidden_size,
             nn::EmbeddingConfig {
                 ws_init: normal(cfg.initializer_range),
+                // As transformers builds it: the pad token's row gets no gradient.
+                padding_idx: cfg
+                    .pad_token_id
+                    .filter(|&p| (0..cfg.vocab_size).contains(&p))
+                    .unwrap_or(-1),
                 ..Default::default()
             },
         );
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(&model / "layers" / i, cfg))
+            .map(|i| DecoderLayer::new(&model / "layers" / i, cfg, i as usize))
             .collect();
-        let norm = RmsNorm::new(&model / "norm", cfg.hidden_size, cfg.rms_norm_eps);
+        let gemma = cfg.gemma.as_ref();
+        let norm = RmsNorm::new(
+            &model / "norm",
+            cfg.hidden_size,
+            cfg.rms_norm_eps,
+            gemma.is_some(),
+        );
         let lm_head = (!cfg.tie_word_embeddings).then(|| {
             linear(
                 vs / "lm_head",
@@ -331,8 +313,48 @@ impl Llama {
             norm,
             lm_head,
             inv_freq: rope::inv_freq(cfg, vs.device()),
+            local_inv_freq: rope::local_inv_freq(cfg, vs.device()),
             vocab_size: cfg.vocab_size,
             sliding_window: cfg.sliding_window,
+            embed_scale: gemma.map(|_| (cfg.hidden_size as f64).sqrt()),
+            final_softcap: gemma.and_then(|g| g.final_logit_softcapping),
+        }
+    }
+
+    /// The token embeddings (scaled for Gemma 3).
+    fn embed(&self, input_ids: &Tensor) -> Tensor {
+        let x = self.embed_tokens.forward(input_ids);
+        match self.embed_scale {
+            // transformers multiplies by a tensor of √hidden cast to the weights' dtype.
+            Some(scale) => {
+                let scale = Tensor::from(scale as f32)
+                    .to_kind(x.kind())
+                    .to_device(x.device());
+                x * scale
+            }
+            None => x,
+        }
+    }
+
+    fn rope_tables(&self, positions: &Tensor) -> RopeTables {
+        RopeTables {
+            global: rope::tables(positions, &self.inv_freq),
+            local: self
+                .local_inv_freq
+                .as_ref()
+                .map(|f| rope::tables(positions, f)),
+        }
+    }
+
+    fn packed_masks(&self, p: &Packing) -> PackedMasks {
+        let windowed = |yes: bool| {
+            self.layers
+                .iter()
+                .any(|l| l.self_attn.sliding_window.is_some() == yes)
+        };
+        PackedMasks {
+            full: windowed(false).then(|| p.mask(None)),
+            windowed: windowed(true).then(|| p.mask(self.sliding_window)),
         }
     }
 
@@ -349,9 +371,13 @@ impl Llama {
 
     pub(super) fn head(&self, x: &Tensor) -> Tensor {
         let x = self.norm.forward(x);
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward(&x),
             None => x.matmul(&self.embed_tokens.ws.tr()),
+        };
+        match self.final_softcap {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
         }
     }
 
@@ -369,7 +395,7 @@ impl Llama {
         &self,
         input_ids: &Tensor,
         positions: &Tensor,
-        mask: Option<&Tensor>,
+        mask: Option<&PackedMasks>,
     ) -> Tensor {
         self.head(&self.hidden_masked(input_ids, positions, mask))
     }
@@ -379,12 +405,12 @@ impl Llama {
         &self,
         input_ids: &Tensor,
         positions: &Tensor,
-        mask: Option<&Tensor>,
+        mask: Option<&PackedMasks>,
     ) -> Tensor {
-        let (cos, sin) = rope::tables(positions, &self.inv_freq);
-        let mut x = self.embed_tokens.forward(input_ids);
+        let rope = self.rope_tables(positions);
+        let mut x = self.embed(input_ids);
         for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, None, mask);
+            x = layer.forward(&x, &rope, None, mask);
         }
         x
     }
@@ -399,8 +425,8 @@ impl Llama {
         match packing {
             None => self.hidden_masked(input_ids, &Self::positions(input_ids, 0), None),
             Some(p) => {
-                let mask = p.mask(self.sliding_window);
-                self.hidden_masked(input_ids, &p.positions, Some(&mask))
+                let masks = self.packed_masks(p);
+                self.hidden_masked(input_ids, &p.positions, Some(&masks))
             }
         }
     }
@@ -410,10 +436,10 @@ impl Llama {
         if cache.layers.is_empty() {
             cache.layers = (0..self.layers.len()).map(|_| None).collect();
         }
-        let (cos, sin) = rope::tables(&Self::positions(input_ids, cache.len), &self.inv_freq);
-        let mut x = self.embed_tokens.forward(input_ids);
+        let rope = self.rope_tables(&Self::positions(input_ids, cache.len));
+        let mut x = self.embed(input_ids);
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &cos, &sin, Some(slot), None);
+            x = layer.forward(&x, &rope, Some(slot), None);
         }
         cache.len += input_ids.size()[1];
         self.head(&x)
@@ -487,14 +513,14 @@ impl Llama {
             Some(p) => p.positions.shallow_clone(),
             None => Self::positions(input_ids, 0),
         };
-        let mask = packing.map(|p| p.mask(self.sliding_window));
-        let mask = mask.as_ref();
-        let (cos, sin) = rope::tables(&positions, &self.inv_freq);
+        let masks = packing.map(|p| self.packed_masks(p));
+        let mask = masks.as_ref();
+        let rope = self.rope_tables(&positions);
         let mut layer_inputs = Vec::with_capacity(self.layers.len());
         let hidden = tch::no_grad(|| {
-            let mut x = self.embed_tokens.forward(input_ids);
+            let mut x = self.embed(input_ids);
             for layer in &self.layers {
-                let next = layer.forward(&x, &cos, &sin, None, mask);
+                let next = layer.forward(&x, &rope, None, mask);
                 layer_inputs.push(x);
                 x = next;
             }
@@ -504,11 +530,11 @@ impl Llama {
             self.head_loss_backward(&hidden, labels, scale, super::loss::CHUNK_ELEMENTS);
         for (layer, input) in self.layers.iter().zip(layer_inputs).rev() {
             let input = input.set_requires_grad(true);
-            let out = layer.forward(&input, &cos, &sin, None, mask);
+            let out = layer.forward(&input, &rope, None, mask);
             (out * &upstream).sum(Kind::Float).backward();
             upstream = input.grad();
         }
-        (self.embed_tokens.forward(input_ids) * &upstream)
+        (self.embed(input_ids) * &upstream)
             .sum(Kind::Float)
             .backward();
         loss_value

@@ -1,9 +1,10 @@
-//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2), written for one device. It knows
+//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3), written for one device. It knows
 //! nothing about gRPC, collectives or training; `io` loads and saves Hugging Face checkpoints.
 
 pub mod config;
 pub mod dtype;
 pub mod io;
+mod layers;
 pub mod llama;
 pub mod loss;
 pub mod rope;

@@ -7,11 +7,25 @@ use tch::{Device, Kind, Tensor};
 
 /// 1 / theta^(2i/d) for i in 0..d/2, rescaled as the config asks.
 pub fn inv_freq(cfg: &ModelConfig, device: Device) -> Tensor {
-    let hd = cfg.head_dim();
+    inv_freq_of(cfg.head_dim(), cfg.rope_theta, &cfg.rope_scaling, device)
+}
+
+/// Gemma 3's sliding layers' frequencies (their own base); None for other models.
+pub fn local_inv_freq(cfg: &ModelConfig, device: Device) -> Option<Tensor> {
+    let g = cfg.gemma.as_ref()?;
+    Some(inv_freq_of(
+        cfg.head_dim(),
+        g.local_rope_theta,
+        &g.local_rope_scaling,
+        device,
+    ))
+}
+
+fn inv_freq_of(hd: i64, theta: f64, scaling: &RopeScaling, device: Device) -> Tensor {
     let exponents =
         Tensor::arange_start_step(0, hd, 2, (Kind::Int64, device)).to_kind(Kind::Float) / hd as f64;
-    let inv_freq = Tensor::pow_scalar(cfg.rope_theta, &exponents).reciprocal();
-    match cfg.rope_scaling {
+    let inv_freq = Tensor::pow_scalar(theta, &exponents).reciprocal();
+    match *scaling {
         RopeScaling::None => inv_freq,
         RopeScaling::Linear { factor } => inv_freq / factor,
         RopeScaling::Llama3 {

@@ -50,6 +50,19 @@ CASES = {
         cls="Qwen3Config", save=dict(),
         config=dict(COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                     rope_theta=1000000.0, tie_word_embeddings=False)),
+    # Gemma 3: offset norms, scaled embeddings, GeGLU, sandwich norms, q/k norms, its own
+    # attention scale, sliding and global layers with their own RoPE (linear scaling on the
+    # global one), soft-capped logits, tied head, pad token 0 (its embedding gets no gradient).
+    "gemma3_text_sliding": dict(
+        cls="Gemma3TextConfig", save=dict(),
+        config=dict(COMMON, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, query_pre_attn_scalar=12, sliding_window=7,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    final_logit_softcapping=30.0,
+                    rope_parameters=dict(
+                        sliding_attention=dict(rope_type="default", rope_theta=10000.0),
+                        full_attention=dict(rope_type="linear", factor=2.0,
+                                            rope_theta=1000000.0)))),
     # Mistral: sliding window shorter than the sequence, explicit head_dim != hidden/heads.
     "mistral_window_head_dim": dict(
         cls="MistralConfig", save=dict(),
