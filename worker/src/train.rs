@@ -540,12 +540,17 @@ fn hand_over(
         chat_template_kwargs: spec.chat_template_kwargs.clone(),
     };
     let template = spec.chat_template.as_deref();
-    let parts = state.optimizer_shards.as_ref().map_or(1, |m| m.files.len());
+    let parts = state.optimizer_shards.as_ref().map_or(1, |m| m.files.len()) as u32;
     let files = (placement.rank == 0).then_some(model);
     let snapshot = Snapshot::take(files, optimizer, state, template, writer.take_spare());
-    let mut job = write_job(spec, placement, model, snapshot, is_final, stalled);
-    job.parts = parts as u32;
-    writer.start(job)?;
+    writer.start(write_job(
+        spec,
+        placement,
+        model,
+        snapshot,
+        (is_final, parts),
+        stalled,
+    ))?;
     Ok(())
 }
 
@@ -554,7 +559,7 @@ fn write_job(
     placement: &Placement,
     model: &LoadedModel,
     snapshot: Snapshot,
-    is_final: bool,
+    (is_final, parts): (bool, u32),
     stalled: Instant,
 ) -> WriteJob {
     WriteJob {
@@ -570,7 +575,7 @@ fn write_job(
             max_shard_bytes: spec.checkpoint_max_shard_bytes,
         },
         is_final,
-        parts: 1,
+        parts,
         stall_seconds: stalled.elapsed().as_secs_f64(),
     }
 }

@@ -383,11 +383,7 @@ fn write(job: WriteJob) -> Written {
     let step = snapshot.state.step;
     let written = write_staging(&root, rank, &snapshot, &model_src, &save);
     (
-        written.and_then(|dir| {
-            let mut staged = finish_write(dir, step, is_final, stall_seconds, started)?;
-            staged.parts = parts;
-            Ok(staged)
-        }),
+        written.and_then(|dir| finish_write(dir, (step, is_final, parts), stall_seconds, started)),
         Some(snapshot.into_buffers()),
     )
 }
@@ -395,8 +391,7 @@ fn write(job: WriteJob) -> Written {
 /// Digests what was staged and says how long the write took.
 fn finish_write(
     dir: PathBuf,
-    step: u64,
-    is_final: bool,
+    (step, is_final, parts): (u64, bool, u32),
     stall_seconds: f64,
     started: std::time::Instant,
 ) -> Result<Staged, CheckpointError> {
@@ -413,7 +408,7 @@ fn finish_write(
     Ok(Staged {
         step,
         is_final,
-        parts: 1,
+        parts,
         dir,
         files,
         stall_seconds,
