@@ -11,7 +11,7 @@ mod common;
 use common::*;
 use ferrotune_data::chat::ChatTemplate;
 use ferrotune_data::encode::Encoder;
-use ferrotune_data::record::{Record, Role};
+use ferrotune_data::record::{self, Record, Role};
 use ferrotune_data::Tokenizer;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
@@ -237,6 +237,25 @@ fn real_templates_render_and_tokenize_as_transformers_and_learn_every_answer() {
     }
     // Tool calls and tool results, as Qwen3's template renders them (results never learned).
     check_family("qwen3", &fixture("tool_conversations.jsonl"), &none, None);
+
+    // A conversation the template refuses gets the template's own message.
+    let Some(dir) = tokenizer_dir("gemma3") else {
+        return;
+    };
+    let tok = Tokenizer::from_model_dir(&dir).unwrap();
+    let template = ChatTemplate::resolve(&tok, None, &none).unwrap().unwrap();
+    let encoder = Encoder {
+        tokenizer: &tok,
+        template: Some(&template),
+        train_on_inputs: false,
+    };
+    let twice = vec![
+        record::Message::new(Role::User, "one"),
+        record::Message::new(Role::User, "two"),
+        record::Message::new(Role::Assistant, "three"),
+    ];
+    let err = encoder.encode(&Record::Messages(twice)).unwrap_err();
+    assert!(err.contains("Conversation roles must alternate"), "{err}");
 }
 
 #[test]
