@@ -49,7 +49,7 @@ pub struct Shape {
     pub mlp_bias: bool,
     /// Qwen3's and Gemma 3's per-head query and key norms (head_dim weights each, per layer).
     pub qk_norm: bool,
-    /// Gemma 3: norms after attention and before and after the MLP (4 per layer, not 2).
+    /// Gemma 2 and 3: norms after attention and before and after the MLP (4 per layer, not 2).
     pub sandwich_norms: bool,
 }
 
@@ -90,6 +90,7 @@ impl Shape {
         let model_type = raw.get("model_type").and_then(Value::as_str);
         let (qwen2, qwen3) = (model_type == Some("qwen2"), model_type == Some("qwen3"));
         let gemma3 = model_type == Some("gemma3_text");
+        let gemma = gemma3 || model_type == Some("gemma2");
         let attention_bias = flag("attention_bias", false);
         Ok(Shape {
             vocab: required("vocab_size")?,
@@ -99,17 +100,17 @@ impl Shape {
             heads,
             kv_heads: int("num_key_value_heads")?.unwrap_or(heads),
             // Qwen3Config's class default is 128, Gemma3TextConfig's 256.
-            head_dim: int("head_dim")?.unwrap_or(match (qwen3, gemma3) {
+            head_dim: int("head_dim")?.unwrap_or(match (qwen3, gemma) {
                 (true, _) => 128,
                 (_, true) => 256,
                 _ => hidden / heads,
             }),
-            tied: flag("tie_word_embeddings", gemma3),
+            tied: flag("tie_word_embeddings", gemma),
             qkv_bias: attention_bias || qwen2,
             o_bias: attention_bias && !qwen2,
             mlp_bias: flag("mlp_bias", false),
             qk_norm: qwen3 || gemma3,
-            sandwich_norms: gemma3,
+            sandwich_norms: gemma,
         })
     }
 

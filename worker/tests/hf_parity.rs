@@ -1,5 +1,5 @@
 //! Parity with Hugging Face transformers (fp32): logits, loss, every gradient and a 10-step
-//! AdamW trajectory on small random Llama, Qwen2, Qwen3, Gemma 3 and Mistral models that transformers created
+//! AdamW trajectory on small random Llama, Qwen2, Qwen3, Gemma 2, Gemma 3 and Mistral models that transformers created
 //! and saved (tests/parity/hf_goldens.py); and checkpoints we write load back in transformers
 //! with the logits our model computes.
 
@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 const CASES: &[&str] = &[
+    "gemma2_softcap",
     "gemma3_text_sliding",
     "llama_gqa_rope_llama3",
     "llama_tied_bias_bf16",

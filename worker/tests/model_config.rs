@@ -46,8 +46,8 @@ fn gemma3_reads_the_same_from_both_config_layouts() {
         assert_eq!(c.family, Family::Gemma3);
         let g = c.gemma.as_ref().unwrap();
         assert_eq!(g.sliding_layers, [true, true, false, true, true, false]);
-        assert_eq!(g.local_rope_theta, 10000.0);
-        assert_eq!(g.local_rope_scaling, RopeScaling::None);
+        assert_eq!(g.local_rope, Some((10000.0, RopeScaling::None)));
+        assert_eq!(g.attn_logit_softcapping, None);
         assert_eq!(c.rope_theta, 1_000_000.0);
         assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 8.0 });
         assert_eq!(c.sliding_window, Some(512));
@@ -68,7 +68,7 @@ fn what_gemma3_does_not_do_is_refused_by_name() {
         (
             json!({"attn_logit_softcapping": 50.0}),
             "attn_logit_softcapping",
-            "Gemma 2",
+            "gemma2",
         ),
         (
             json!({"hidden_activation": "gelu"}),
@@ -91,11 +91,32 @@ fn what_gemma3_does_not_do_is_refused_by_name() {
             .to_string();
         assert!(err.contains(field) && err.contains(needle), "{err}");
     }
-    let err = ModelConfig::from_json(with(json!({"model_type": "gemma2"})), "config.json")
+    let err = ModelConfig::from_json(with(json!({"model_type": "gemma"})), "config.json")
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("`gemma2` is not supported") && err.contains("gemma3_text"),
+        err.contains("`gemma` is not supported") && err.contains("gemma3_text"),
         "{err}"
     );
+}
+
+#[test]
+fn gemma2_has_its_class_defaults_and_no_local_rope() {
+    let two = ModelConfig::from_json(with(json!({"model_type": "gemma2"})), "config.json").unwrap();
+    assert_eq!(two.family, Family::Gemma2);
+    assert!(!two.qk_norm && two.tie_word_embeddings);
+    let g = two.gemma.unwrap();
+    assert_eq!(g.sliding_layers, [true, false, true, false, true, false]);
+    assert_eq!(g.local_rope, None);
+    assert_eq!(
+        (g.attn_logit_softcapping, g.final_logit_softcapping),
+        (Some(50.0), Some(30.0))
+    );
+    // null turns a cap off, as in transformers.
+    let off = ModelConfig::from_json(
+        with(json!({"model_type": "gemma2", "attn_logit_softcapping": null})),
+        "config.json",
+    )
+    .unwrap();
+    assert_eq!(off.gemma.unwrap().attn_logit_softcapping, None);
 }

@@ -50,6 +50,14 @@ fn parameter_counts_match_published_models() {
         Shape::from_json(&gemma3_1b).unwrap().parameters(),
         999_885_952
     );
+    // Gemma 2 2B: four norms per layer, no q/k norms; transformers counts 2,614,341,888.
+    let gemma2_2b = json!({"model_type": "gemma2", "vocab_size": 256000, "hidden_size": 2304,
+        "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+        "num_key_value_heads": 4});
+    assert_eq!(
+        Shape::from_json(&gemma2_2b).unwrap().parameters(),
+        2_614_341_888
+    );
 }
 
 #[test]

@@ -19,6 +19,9 @@ pub enum Family {
     Qwen3,
     /// `gemma3_text`: see [`GemmaOptions`].
     Gemma3,
+    /// `gemma2`: Gemma 3's layout without q/k norms and with one RoPE, its attention scores
+    /// soft-capped.
+    Gemma2,
 }
 
 impl Family {
@@ -29,24 +32,28 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
             Family::Gemma3 => "gemma3_text",
+            Family::Gemma2 => "gemma2",
         }
     }
 }
 
-/// What Gemma 3 does differently from the Llama family: RMSNorm as `x * (1 + w)` (weights
+/// What Gemma 2 and 3 do differently from the Llama family: RMSNorm as `x * (1 + w)` (weights
 /// start at zero), embeddings scaled by √hidden, GeGLU with tanh-approximate GELU, norms after
-/// attention and before and after the MLP, per-head query and key norms, attention scores
-/// scaled by `query_pre_attn_scalar`^-½, sliding-window layers with their own RoPE base among
-/// global ones, and optional soft-capping of the final logits.
+/// attention and before and after the MLP, attention scores scaled by
+/// `query_pre_attn_scalar`^-½, sliding-window layers among global ones, soft-capping of the
+/// final logits; Gemma 3 adds per-head query and key norms and its sliding layers' own RoPE
+/// base, Gemma 2 soft-caps the attention scores.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GemmaOptions {
     pub query_pre_attn_scalar: f64,
     /// Per layer: true for sliding-window attention (`sliding_attention`), false for global.
     pub sliding_layers: Vec<bool>,
-    /// The sliding layers' RoPE (`rope_local_base_freq`, or `rope_parameters.sliding_attention`).
-    pub local_rope_theta: f64,
-    pub local_rope_scaling: RopeScaling,
+    /// Gemma 3's sliding layers' RoPE (`rope_local_base_freq`, or
+    /// `rope_parameters.sliding_attention`); None: every layer uses the global one.
+    pub local_rope: Option<(f64, RopeScaling)>,
     pub final_logit_softcapping: Option<f64>,
+    /// Gemma 2: attention scores squashed as cap · tanh(scores / cap) (no SDPA then).
+    pub attn_logit_softcapping: Option<f64>,
 }
 
 /// How rotary frequencies are rescaled for long context (`rope_type`).
@@ -237,12 +244,13 @@ impl ModelConfig {
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
             "gemma3_text" => Family::Gemma3,
+            "gemma2" => Family::Gemma2,
             other => {
                 return Err(f.err(
                     "model_type",
                     format!(
                         "`{other}` is not supported; supported: llama, mistral, qwen2, qwen3, \
-                         gemma3_text"
+                         gemma2, gemma3_text"
                     ),
                 ))
             }
@@ -253,7 +261,7 @@ impl ModelConfig {
         // Qwen3Config's class default is 128, Gemma3TextConfig's 256, not hidden_size / heads.
         let head_dim = f.int("head_dim")?.unwrap_or(match family {
             Family::Qwen3 => 128,
-            Family::Gemma3 => 256,
+            Family::Gemma3 | Family::Gemma2 => 256,
             _ => hidden_size / num_attention_heads,
         });
         if num_key_value_heads <= 0 || num_attention_heads % num_key_value_heads != 0 {
@@ -272,7 +280,7 @@ impl ModelConfig {
             ));
         }
         let (act_field, want) = match family {
-            Family::Gemma3 => ("hidden_activation", "gelu_pytorch_tanh"),
+            Family::Gemma3 | Family::Gemma2 => ("hidden_activation", "gelu_pytorch_tanh"),
             _ => ("hidden_act", "silu"),
         };
         if let Some(act) = f.string(act_field)? {
@@ -292,7 +300,9 @@ impl ModelConfig {
             }
         }
         let gemma = match family {
-            Family::Gemma3 => Some(gemma_options(&f, num_hidden_layers_of(&f)?)?),
+            Family::Gemma3 | Family::Gemma2 => {
+                Some(gemma_options(&f, family, num_hidden_layers_of(&f)?)?)
+            }
             _ => None,
         };
         let (rope_theta, rope_scaling) = match family {
@@ -307,7 +317,9 @@ impl ModelConfig {
                 f.boolean("mlp_bias", false)?,
             ),
             Family::Qwen2 => (true, false, false),
-            Family::Qwen3 | Family::Gemma3 => (attention_bias, attention_bias, false),
+            Family::Qwen3 | Family::Gemma3 | Family::Gemma2 => {
+                (attention_bias, attention_bias, false)
+            }
             Family::Mistral => (false, false, false),
         };
         let sliding_window = match family {
@@ -336,7 +348,8 @@ impl ModelConfig {
             }
             Family::Llama => None,
             // Gemma3TextConfig's class default is 4096.
-            Family::Gemma3 => Some(f.int("sliding_window")?.unwrap_or(4096)),
+            // Both Gemma configs' class default is 4096.
+            Family::Gemma3 | Family::Gemma2 => Some(f.int("sliding_window")?.unwrap_or(4096)),
         };
         if let Some(w) = sliding_window {
             if w <= 0 {
@@ -370,7 +383,10 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings: f.int("max_position_embeddings")?.unwrap_or(2048),
             // Gemma 3 ties its head to the embeddings unless told otherwise.
-            tie_word_embeddings: f.boolean("tie_word_embeddings", family == Family::Gemma3)?,
+            tie_word_embeddings: f.boolean(
+                "tie_word_embeddings",
+                matches!(family, Family::Gemma3 | Family::Gemma2),
+            )?,
             initializer_range: f.float("initializer_range")?.unwrap_or(0.02),
             qkv_bias,
             o_bias,
@@ -401,14 +417,27 @@ fn num_hidden_layers_of(f: &Fields) -> Result<i64, ModelError> {
     f.required_int("num_hidden_layers")
 }
 
-/// Gemma 3's options: layer types from `layer_types`, or every `sliding_window_pattern`-th
-/// layer global (transformers' derivation, default 6); the local RoPE from
-/// `rope_parameters.sliding_attention` (transformers 5) or `rope_local_base_freq` (4).
-fn gemma_options(f: &Fields, layers: i64) -> Result<GemmaOptions, ModelError> {
-    if f.float("attn_logit_softcapping")?.is_some() {
+/// A soft-capping field: absent is the class default, null is none.
+fn softcap(f: &Fields, field: &str, default: Option<f64>) -> Result<Option<f64>, ModelError> {
+    match f.map.get(field) {
+        None => Ok(default),
+        Some(Value::Null) => Ok(None),
+        Some(_) => f.float(field),
+    }
+}
+
+/// Gemma's options: layer types from `layer_types`, or every `sliding_window_pattern`-th
+/// layer global (transformers' derivation: 6 for Gemma 3, every second for Gemma 2); Gemma 3's
+/// local RoPE from `rope_parameters.sliding_attention` (transformers 5) or
+/// `rope_local_base_freq` (4).
+fn gemma_options(f: &Fields, family: Family, layers: i64) -> Result<GemmaOptions, ModelError> {
+    let gemma2 = family == Family::Gemma2;
+    let attn_logit_softcapping = softcap(f, "attn_logit_softcapping", gemma2.then_some(50.0))?;
+    if !gemma2 && attn_logit_softcapping.is_some() {
         return Err(f.err(
             "attn_logit_softcapping",
-            "attention soft-capping (Gemma 2) is not supported; Gemma 3 has none (null)".into(),
+            "Gemma 3 has no attention soft-capping (null); it is Gemma 2's (model_type gemma2)"
+                .into(),
         ));
     }
     if f.boolean("use_bidirectional_attention", false)? {
@@ -434,7 +463,7 @@ fn gemma_options(f: &Fields, layers: i64) -> Result<GemmaOptions, ModelError> {
             let pattern = f
                 .int("sliding_window_pattern")?
                 .or(f.int("_sliding_window_pattern")?)
-                .unwrap_or(6)
+                .unwrap_or(if gemma2 { 2 } else { 6 })
                 .max(1);
             (0..layers).map(|i| (i + 1) % pattern != 0).collect()
         }
@@ -448,24 +477,27 @@ fn gemma_options(f: &Fields, layers: i64) -> Result<GemmaOptions, ModelError> {
             ),
         ));
     }
-    let (local_rope_theta, local_rope_scaling) = match f.get("rope_parameters") {
-        Some(Value::Object(by_type)) if by_type.contains_key("sliding_attention") => rope_dict(
-            f,
-            by_type.get("sliding_attention"),
-            "rope_parameters.sliding_attention",
-            None,
-        )?,
-        _ => (
+    let local_rope = match f.get("rope_parameters") {
+        _ if gemma2 => None,
+        Some(Value::Object(by_type)) if by_type.contains_key("sliding_attention") => {
+            Some(rope_dict(
+                f,
+                by_type.get("sliding_attention"),
+                "rope_parameters.sliding_attention",
+                None,
+            )?)
+        }
+        _ => Some((
             f.float("rope_local_base_freq")?.unwrap_or(10000.0),
             RopeScaling::None,
-        ),
+        )),
     };
     Ok(GemmaOptions {
         query_pre_attn_scalar: f.float("query_pre_attn_scalar")?.unwrap_or(256.0),
         sliding_layers,
-        local_rope_theta,
-        local_rope_scaling,
-        final_logit_softcapping: f.float("final_logit_softcapping")?,
+        local_rope,
+        final_logit_softcapping: softcap(f, "final_logit_softcapping", gemma2.then_some(30.0))?,
+        attn_logit_softcapping,
     })
 }
 

@@ -101,3 +101,37 @@ impl Mlp {
         self.down_proj.forward(&(gate * self.up_proj.forward(x)))
     }
 }
+
+/// Attention written out, as transformers' `eager_attention_forward` (Gemma 2's soft-capped
+/// scores cannot go through SDPA): scores scaled, squashed as cap · tanh(scores / cap),
+/// masked (`allowed`: bool, broadcast over batch and heads; None: every key), softmax in fp32,
+/// values. Keys and values of grouped-query attention are repeated per query head.
+pub(super) fn softcapped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    allowed: Option<&Tensor>,
+    scale: f64,
+    cap: f64,
+) -> Tensor {
+    let n_rep = q.size()[1] / k.size()[1];
+    let repeat = |t: &Tensor| {
+        if n_rep == 1 {
+            return t.shallow_clone();
+        }
+        let (b, h, s, d) = t.size4().expect("(batch, heads, seq, head_dim)");
+        t.unsqueeze(2)
+            .expand([b, h, n_rep, s, d], false)
+            .reshape([b, h * n_rep, s, d])
+    };
+    let scores = q.matmul(&repeat(k).transpose(2, 3)) * scale;
+    let scores = (scores / cap).tanh() * cap;
+    let scores = match allowed {
+        Some(m) => scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY),
+        None => scores,
+    };
+    scores
+        .softmax(-1, Kind::Float)
+        .to_kind(q.kind())
+        .matmul(&repeat(v))
+}

@@ -5,7 +5,7 @@
 //! embeddings, GeGLU, sandwich norms, its attention scale, sliding layers with a local RoPE.
 
 use super::config::ModelConfig;
-use super::layers::{linear, normal, Mlp, RmsNorm};
+use super::layers::{linear, normal, softcapped_attention, Mlp, RmsNorm};
 use super::rope;
 use tch::nn::{self, Module};
 use tch::{Kind, Reduction, Tensor};
@@ -70,6 +70,8 @@ struct Attention {
     scale: Option<f64>,
     /// Gemma 3's sliding layers rotate with the local RoPE tables.
     local_rope: bool,
+    /// Gemma 2's soft-capping of the scores.
+    softcap: Option<f64>,
 }
 
 /// The rotary tables of one forward pass: the global ones and, for Gemma 3's sliding layers,
@@ -109,7 +111,8 @@ impl Attention {
             head_dim: hd,
             sliding_window: cfg.sliding_window.filter(|_| sliding),
             scale: gemma.map(|g| g.query_pre_attn_scalar.powf(-0.5)),
-            local_rope: gemma.is_some() && sliding,
+            local_rope: gemma.is_some_and(|g| g.local_rope.is_some()) && sliding,
+            softcap: gemma.and_then(|g| g.attn_logit_softcapping),
         }
     }
 
@@ -155,16 +158,27 @@ impl Attention {
             None => attention_mask(s, k_len, self.sliding_window, x.device()),
         };
         let causal = mask.is_none() && s == k_len && s > 1;
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            mask,
-            0.0,
-            causal,
-            self.scale,
-            self.n_kv_heads != self.n_heads,
-        );
+        let y = match self.softcap {
+            Some(cap) => {
+                // The causal mask SDPA would have applied by itself, made explicit.
+                let mask = mask.or_else(|| {
+                    causal
+                        .then(|| Tensor::ones([s, k_len], (Kind::Bool, x.device())).tril(k_len - s))
+                });
+                let scale = self.scale.unwrap_or((self.head_dim as f64).powf(-0.5));
+                softcapped_attention(&q, &k, &v, mask.as_ref(), scale, cap)
+            }
+            None => Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                mask,
+                0.0,
+                causal,
+                self.scale,
+                self.n_kv_heads != self.n_heads,
+            ),
+        };
         let y = y
             .transpose(1, 2)
             .contiguous()

@@ -12,13 +12,8 @@ pub fn inv_freq(cfg: &ModelConfig, device: Device) -> Tensor {
 
 /// Gemma 3's sliding layers' frequencies (their own base); None for other models.
 pub fn local_inv_freq(cfg: &ModelConfig, device: Device) -> Option<Tensor> {
-    let g = cfg.gemma.as_ref()?;
-    Some(inv_freq_of(
-        cfg.head_dim(),
-        g.local_rope_theta,
-        &g.local_rope_scaling,
-        device,
-    ))
+    let (theta, scaling) = cfg.gemma.as_ref()?.local_rope.as_ref()?;
+    Some(inv_freq_of(cfg.head_dim(), *theta, scaling, device))
 }
 
 fn inv_freq_of(hd: i64, theta: f64, scaling: &RopeScaling, device: Device) -> Tensor {

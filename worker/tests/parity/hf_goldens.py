@@ -63,6 +63,13 @@ CASES = {
                         sliding_attention=dict(rope_type="default", rope_theta=10000.0),
                         full_attention=dict(rope_type="linear", factor=2.0,
                                             rope_theta=1000000.0)))),
+    # Gemma 2: Gemma 3's layout without q/k norms, one RoPE, soft-capped attention scores (caps
+    # low enough that tanh bends them). transformers runs it eagerly only (no SDPA).
+    "gemma2_softcap": dict(
+        cls="Gemma2Config", save=dict(), attn="eager",
+        config=dict(COMMON, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, query_pre_attn_scalar=12, sliding_window=7,
+                    attn_logit_softcapping=1.5, final_logit_softcapping=3.0)),
     # Mistral: sliding window shorter than the sequence, explicit head_dim != hidden/heads.
     "mistral_window_head_dim": dict(
         cls="MistralConfig", save=dict(),
@@ -115,7 +122,7 @@ def make_case(out_dir, name, case, seed):
     # same function with other fp32 rounding, and on Qwen2's MQA key bias torch's own eager and
     # SDPA trajectories differ by 7e-4 relative after 10 AdamW steps (see hf_parity.rs).
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        model_dir, dtype=torch.float32, attn_implementation=case.get("attn", "sdpa"))
     model.eval()
 
     goldens = {}

@@ -17,8 +17,11 @@ def main():
     with open(sys.argv[1]) as f:
         jobs = json.load(f)
     for job in jobs:
+        # SDPA where the model supports it (Gemma 2's soft-capped attention does not).
+        config = transformers.AutoConfig.from_pretrained(job["model_dir"])
+        attn = "eager" if config.model_type == "gemma2" else "sdpa"
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            job["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
+            job["model_dir"], dtype=torch.float32, attn_implementation=attn)
         model.eval()
         ids = load_file(job["ids"])["input_ids"]
         with torch.no_grad():
