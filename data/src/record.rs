@@ -76,14 +76,58 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub role: Role,
+    /// The text: the content string, or the text of its parts in order.
     pub content: String,
+    /// The content as given when it is a list of parts (`[{"type": "text", "text": ...}]`, as
+    /// Gemma's and multimodal templates take it): the template gets the list.
+    pub parts: Option<Vec<Value>>,
     /// Every other field of the message (`tool_calls`, `name`, `reasoning_content`, ...),
     /// handed to the template as given: one that does not use them ignores them.
-    #[serde(flatten)]
     pub extra: serde_json::Map<String, Value>,
+}
+
+/// What the template sees: the message as it was given.
+impl Serialize for Message {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(2 + self.extra.len()))?;
+        map.serialize_entry("role", &self.role)?;
+        match &self.parts {
+            Some(parts) => map.serialize_entry("content", parts)?,
+            None => map.serialize_entry("content", &self.content)?,
+        }
+        for (k, v) in &self.extra {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+/// The text of a content given as a list of parts; only text parts are supported.
+fn text_of_parts(i: usize, parts: &[Value]) -> Result<String, String> {
+    let mut text = String::new();
+    for (j, part) in parts.iter().enumerate() {
+        let at = format!("messages[{i}].content[{j}]");
+        let kind = part.get("type").and_then(Value::as_str);
+        match (kind, part.get("text")) {
+            (Some("text"), Some(Value::String(t))) => text.push_str(t),
+            (Some("text"), _) => return Err(format!("{at}: a text part needs a string `text`")),
+            (Some(other), _) => {
+                return Err(format!(
+                    "{at}: `{other}` parts are not supported; fine-tuning here is text only, give text parts or a string"
+                ))
+            }
+            (None, _) => {
+                return Err(format!(
+                    "{at}: expected a part object with `type` (\"text\") and `text`"
+                ))
+            }
+        }
+    }
+    Ok(text)
 }
 
 impl Message {
@@ -91,6 +135,7 @@ impl Message {
         Message {
             role,
             content: content.into(),
+            parts: None,
             extra: serde_json::Map::new(),
         }
     }
@@ -155,14 +200,20 @@ fn message(i: usize, v: &Value) -> Result<Message, String> {
     let mut extra = o.clone();
     extra.remove("role");
     // An assistant turn of tool calls may have null content, as OpenAI's format writes it.
+    let mut parts = None;
     let content = match extra.remove("content") {
         Some(Value::Null) | None if role == Role::Assistant && extra.contains_key("tool_calls") => {
             String::new()
         }
         Some(Value::String(s)) => s,
+        Some(Value::Array(list)) => {
+            let text = text_of_parts(i, &list)?;
+            parts = Some(list);
+            text
+        }
         Some(other) => {
             return Err(format!(
-                "messages[{i}]: field `content` must be a string, got {}",
+                "messages[{i}]: field `content` must be a string or a list of text parts, got {}",
                 kind_of(&other)
             ))
         }
@@ -171,6 +222,7 @@ fn message(i: usize, v: &Value) -> Result<Message, String> {
     Ok(Message {
         role,
         content,
+        parts,
         extra,
     })
 }
@@ -281,7 +333,23 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            err.contains("messages[0]: field `content` must be a string, got null"),
+            err.contains(
+                "messages[0]: field `content` must be a string or a list of text parts, got null"
+            ),
+            "{err}"
+        );
+        // Content as a list of text parts: the text for us, the list for the template.
+        let line = r#"{"messages":[{"role":"user","content":[{"type":"text","text":"Hi "},{"type":"text","text":"there"}]},{"role":"assistant","content":"Hello."}]}"#;
+        let Record::Messages(m) = parse(line, Format::Messages).unwrap() else {
+            panic!("messages");
+        };
+        assert_eq!(m[0].content, "Hi there");
+        let json = serde_json::to_value(&m[0]).unwrap();
+        assert_eq!(json["content"][1]["text"], "there");
+        let image = r#"{"messages":[{"role":"user","content":[{"type":"image","url":"x.png"}]},{"role":"assistant","content":"a cat"}]}"#;
+        let err = parse(image, Format::Messages).unwrap_err();
+        assert!(
+            err.contains("messages[0].content[0]: `image` parts are not supported"),
             "{err}"
         );
     }

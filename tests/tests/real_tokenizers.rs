@@ -237,6 +237,8 @@ fn real_templates_render_and_tokenize_as_transformers_and_learn_every_answer() {
     }
     // Tool calls and tool results, as Qwen3's template renders them (results never learned).
     check_family("qwen3", &fixture("tool_conversations.jsonl"), &none, None);
+    // Content as a list of text parts, which Gemma's template takes as it is.
+    check_family("gemma3", &fixture("parts_conversations.jsonl"), &none, None);
 
     // A conversation the template refuses gets the template's own message.
     let Some(dir) = tokenizer_dir("gemma3") else {
