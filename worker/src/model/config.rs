@@ -300,9 +300,11 @@ impl ModelConfig {
             }
         }
         let gemma = match family {
-            Family::Gemma3 | Family::Gemma2 => {
-                Some(gemma_options(&f, family, num_hidden_layers_of(&f)?)?)
-            }
+            Family::Gemma3 | Family::Gemma2 => Some(gemma_options(
+                &f,
+                family,
+                f.required_int("num_hidden_layers")?,
+            )?),
             _ => None,
         };
         let (rope_theta, rope_scaling) = match family {
@@ -411,10 +413,6 @@ impl ModelConfig {
         raw.insert("dtype".into(), Value::from(dtype.hf_name()));
         Value::Object(raw)
     }
-}
-
-fn num_hidden_layers_of(f: &Fields) -> Result<i64, ModelError> {
-    f.required_int("num_hidden_layers")
 }
 
 /// A soft-capping field: absent is the class default, null is none.

@@ -339,12 +339,14 @@ impl Llama {
     fn embed(&self, input_ids: &Tensor) -> Tensor {
         let x = self.embed_tokens.forward(input_ids);
         match self.embed_scale {
-            // transformers multiplies by a tensor of √hidden cast to the weights' dtype.
+            // transformers multiplies by a tensor of √hidden cast to the weights' dtype: the
+            // same product as a scalar rounded to that dtype, rounded here on the host (a
+            // tensor moved to the device at every forward would be a copy and a sync).
             Some(scale) => {
-                let scale = Tensor::from(scale as f32)
+                let rounded = Tensor::from(scale as f32)
                     .to_kind(x.kind())
-                    .to_device(x.device());
-                x * scale
+                    .double_value(&[]);
+                x * rounded
             }
             None => x,
         }

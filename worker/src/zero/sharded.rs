@@ -350,10 +350,11 @@ impl OptimizerState for ShardedAdamW {
         let files = (0..self.shard.world)
             .map(|rank| {
                 let s = Shard { rank, ..self.shard };
+                let start = s.offset().min(s.total);
                 ShardFile {
                     file: optimizer_shard_file(rank, s.world),
-                    start: s.offset().min(s.total) as u64,
-                    end: (s.offset().min(s.total) + s.len()) as u64,
+                    start: start as u64,
+                    end: (start + s.len()) as u64,
                 }
             })
             .collect();
